@@ -1,0 +1,490 @@
+"""Extract activations into device-resident caches: only the requested hooks, only the requested tokens.
+
+The residual stream (``blocks.{l}.hook_resid_pre`` / ``hook_resid_post``) is captured with forward hooks on the
+plain Hugging Face decoder layers, which share their weights with the bridge: plain-forward speed, and the forward
+pass stops after the last requested layer. Any other bridge hook name runs through the bridge's own hook points.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from probes import positions as pos
+from probes.models import ModelHandle
+
+FORMAT_VERSION = 1
+_RESID = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
+_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+
+
+class CacheError(ValueError):
+    """A cache file is unreadable, truncated, or does not match what the caller asked for."""
+
+
+class _StopForward(Exception):
+    """Raised by the last requested hook: the rest of the forward pass is not needed."""
+
+
+def residual_hooks(model: ModelHandle, layers: Sequence[int] | None = None) -> list[str]:
+    """Residual stream hook names: before each block, plus after the last one (n_layers + 1 points by default).
+
+    Index ``i`` of the result is "the residual stream after ``i`` blocks", as in ``output_hidden_states``.
+    """
+    names = [f"blocks.{l}.hook_resid_pre" for l in range(model.n_layers)]
+    names.append(f"blocks.{model.n_layers - 1}.hook_resid_post")
+    if layers is None:
+        return names
+    bad = [l for l in layers if not 0 <= l <= model.n_layers]
+    if bad:
+        raise ValueError(f"residual layers {bad} out of range 0..{model.n_layers}")
+    return [names[l] for l in layers]
+
+
+def _check_hooks(model: ModelHandle, hooks: Sequence[str]) -> list[str]:
+    hooks = list(hooks)
+    if not hooks:
+        raise ValueError("no hook points requested")
+    if len(set(hooks)) != len(hooks):
+        raise ValueError(f"hook points requested twice: {sorted({h for h in hooks if hooks.count(h) > 1})}")
+    known = model.bridge.hook_dict
+    unknown = [h for h in hooks if h not in known]
+    if unknown:
+        examples = [h for h in known if h.startswith("blocks.0.")][:12]
+        raise ValueError(f"unknown hook point(s) {unknown} for model {model.name!r} "
+                         f"(layers 0..{model.n_layers - 1}); names look like {examples}; "
+                         "model.hook_names() lists them all")
+    return hooks
+
+
+def _prompts_digest(prompts: Sequence[str], spans: Sequence | None) -> str:
+    payload = json.dumps([list(prompts), [list(s) for s in spans] if spans is not None else None])
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# ---------------------------------------------------------------------------------------------------- results
+
+
+@dataclass
+class ActivationCache:
+    """Activations ``acts`` [n_prompts, n_hooks, d_model] (one position) or [n_prompts, n_positions, n_hooks, d]."""
+
+    acts: torch.Tensor
+    hook_names: list[str]
+    meta: dict = field(default_factory=dict)
+
+    def __getitem__(self, hook: str | int) -> torch.Tensor:
+        """Activations of one hook point (by name or index): [n, d] or [n, n_positions, d]."""
+        i = self.hook_names.index(hook) if isinstance(hook, str) else hook
+        return self.acts[..., i, :]
+
+    def __len__(self) -> int:
+        return self.acts.shape[0]
+
+    @property
+    def by_layer(self) -> torch.Tensor:
+        """The activations with the hook axis first: [n_hooks, n, (n_positions,) d] (a view)."""
+        return self.acts.movedim(-2, 0)
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "ActivationCache":
+        return ActivationCache(self.acts.to(device=device, dtype=dtype), self.hook_names, dict(self.meta))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write safetensors with the metadata in its header; written to a temporary name, then renamed."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file({"acts": self.acts.contiguous()}, tmp,
+                      metadata={"workbench": json.dumps({**self.meta, "hook_names": self.hook_names})})
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device | None = None, *,
+             model: str | None = None, hooks: Sequence[str] | None = None, positions: pos.PositionSpec | None = None,
+             prompts: Sequence[str] | None = None, spans: Sequence | None = None,
+             dtype: torch.dtype | None = None) -> "ActivationCache":
+        """Read a saved cache; every expectation given (model, hooks, ...) must match or :class:`CacheError`."""
+        meta = read_metadata(path)
+        check_metadata(meta, path, model=model, hooks=hooks, positions=positions, prompts=prompts, spans=spans,
+                       dtype=dtype)
+        try:
+            with safe_open(str(path), framework="pt", device=str(device or "cpu")) as f:
+                acts = f.get_tensor("acts")
+        except (SafetensorError, OSError, RuntimeError) as err:
+            raise CacheError(f"activation cache {path} is unreadable or truncated ({err}); delete it and "
+                             "extract again") from err
+        hook_names = meta.pop("hook_names")
+        return cls(acts, hook_names, meta)
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no activation cache at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            shape = f.get_slice("acts").get_shape()
+    except (SafetensorError, OSError, RuntimeError, KeyError) as err:
+        raise CacheError(f"activation cache {path} is unreadable or truncated ({err}); delete it and extract "
+                         "again") from err
+    if "workbench" not in header:
+        raise CacheError(f"{path} is a safetensors file but not a workbench activation cache (no metadata)")
+    meta = json.loads(header["workbench"])
+    if meta.get("n_prompts") != shape[0]:
+        raise CacheError(f"activation cache {path} holds {shape[0]} rows but its metadata says {meta.get('n_prompts')}")
+    return meta
+
+
+def check_metadata(meta: dict, path, *, model=None, hooks=None, positions=None, prompts=None, spans=None,
+                   dtype=None) -> None:
+    """Compare what a cache holds with what the caller asks for; raise one error listing every difference."""
+    wanted = {}
+    if model is not None:
+        wanted["model"] = model
+    if hooks is not None:
+        wanted["hook_names"] = list(hooks)
+    if positions is not None:
+        wanted["positions"] = positions if isinstance(positions, str) else [int(i) for i in positions]
+    if prompts is not None:
+        wanted["prompts_sha256"] = _prompts_digest(prompts, spans)
+    if dtype is not None:
+        wanted["dtype"] = _dtype_name(dtype)
+    diffs = [f"{k}: cache has {meta.get(k)!r}, asked for {v!r}" for k, v in wanted.items() if meta.get(k) != v]
+    if meta.get("format") != FORMAT_VERSION:
+        diffs.append(f"format: cache has {meta.get('format')!r}, this version reads {FORMAT_VERSION}")
+    if diffs:
+        raise CacheError(f"activation cache {path} does not match the request (stale?):\n  " + "\n  ".join(diffs)
+                         + "\nDelete it or write to another path.")
+
+
+@dataclass
+class GroupMeans:
+    """Per-group means [n_groups, n_positions, n_hooks, d] in float64, without keeping the rows."""
+
+    sums: torch.Tensor
+    counts: torch.Tensor
+    groups: list
+    hook_names: list[str]
+
+    @property
+    def means(self) -> torch.Tensor:
+        return self.sums / self.counts.clamp(min=1).to(self.sums.dtype)[:, None, None, None]
+
+    def mean(self, group) -> torch.Tensor:
+        return self.means[self.groups.index(group)]
+
+    def difference(self, a, b) -> torch.Tensor:
+        """mean(a) - mean(b): [n_positions, n_hooks, d] in float64."""
+        return self.mean(a) - self.mean(b)
+
+
+class ShardedActivationCache:
+    """A cache on disk in safetensors shards (rows split across files), read back one hook point at a time."""
+
+    def __init__(self, directory: str | os.PathLike, device: str | torch.device | None = None):
+        self.directory = Path(directory)
+        meta_file = self.directory / "meta.json"
+        if not meta_file.is_file():
+            raise CacheError(f"{self.directory} is not a sharded activation cache (no meta.json)")
+        self.meta = json.loads(meta_file.read_text())
+        self.hook_names: list[str] = self.meta["hook_names"]
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        missing = [s for s in self.meta["shards"] if not (self.directory / s).is_file()]
+        if missing:
+            raise CacheError(f"sharded cache {self.directory} is missing {missing}")
+
+    def __len__(self) -> int:
+        return self.meta["n_prompts"]
+
+    def layer(self, hook: str | int) -> torch.Tensor:
+        """All rows of one hook point: [n, d] or [n, n_positions, d], on this cache's device."""
+        h = self.hook_names.index(hook) if isinstance(hook, str) else hook
+        parts = []
+        for shard in self.meta["shards"]:
+            with safe_open(str(self.directory / shard), framework="pt", device=str(self.device)) as f:
+                parts.append(f.get_slice("acts")[h])
+        out = torch.cat(parts)
+        return out.squeeze(1) if isinstance(self.meta["positions"], str) else out
+
+    def iter_layers(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for h, name in enumerate(self.hook_names):
+            yield name, self.layer(h)
+
+
+# ---------------------------------------------------------------------------------------------------- sinks
+
+
+class _DenseSink:
+    def __init__(self, n: int, n_pos: int, n_hooks: int, d: int, dtype: torch.dtype, device: torch.device):
+        self.acts = torch.empty(n, n_pos, n_hooks, d, dtype=dtype, device=device)
+
+    def write(self, rows: torch.Tensor, slot: int, values: torch.Tensor) -> None:
+        self.acts[rows, :, slot] = values.to(self.acts.dtype)
+
+
+class _MeanSink:
+    def __init__(self, labels: torch.Tensor, n_groups: int, n_pos: int, n_hooks: int, d: int, device: torch.device):
+        self.labels = labels.to(device)
+        self.sums = torch.zeros(n_groups, n_pos, n_hooks, d, dtype=torch.float64, device=device)
+        self.counts = torch.bincount(self.labels, minlength=n_groups)
+
+    def write(self, rows: torch.Tensor, slot: int, values: torch.Tensor) -> None:
+        self.sums[:, :, slot].index_add_(0, self.labels[rows], values.to(torch.float64))
+
+
+# ---------------------------------------------------------------------------------------------------- engine
+
+
+@dataclass
+class _Plan:
+    hooks: list[str]
+    spec: pos.PositionSpec
+    token_spans: list[tuple[int, int]] | None
+    input_ids: list[list[int]]
+    batches: list[list[int]]
+
+
+def decoder_layers(hf_model) -> torch.nn.ModuleList:
+    """The list of transformer blocks of a Hugging Face causal LM."""
+    base = hf_model.get_decoder() if hasattr(hf_model, "get_decoder") else hf_model
+    for attr in ("layers", "h", "blocks"):
+        if isinstance(getattr(base, attr, None), torch.nn.ModuleList):
+            return getattr(base, attr)
+    raise ValueError(f"cannot find the decoder layers of {type(hf_model).__name__}")
+
+
+def default_batch_tokens(device: torch.device) -> int:
+    return 32768 if device.type == "cuda" else 4096
+
+
+def _plan(model: ModelHandle, prompts: Sequence[str], hooks, positions, spans, batch_tokens,
+          add_special_tokens: bool) -> _Plan:
+    if isinstance(prompts, str):
+        raise ValueError("prompts must be a list of strings, not one string")
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("the prompt list is empty")
+    if not all(isinstance(p, str) for p in prompts):
+        raise ValueError("every prompt must be a string")
+    if spans is not None and len(spans) != len(prompts):
+        raise ValueError(f"{len(spans)} spans for {len(prompts)} prompts: give one (start, end) per prompt")
+    hooks = _check_hooks(model, residual_hooks(model) if hooks is None else hooks)
+    spec = pos.validate(positions, spans is not None)
+    enc = model.tokenizer(prompts, add_special_tokens=add_special_tokens,
+                          return_offsets_mapping=spans is not None)
+    input_ids = enc["input_ids"]
+    empty = [i for i, ids in enumerate(input_ids) if not ids]
+    if empty:
+        raise ValueError(f"prompts {empty[:5]} tokenize to nothing")
+    token_spans = None
+    if spans is not None:
+        token_spans = [pos.span_token_range(off, sp) for off, sp in zip(enc["offset_mapping"], spans)]
+    order = sorted(range(len(prompts)), key=lambda i: -len(input_ids[i]))
+    batches, current = [], []
+    for i in order:  # longest first: each batch's first prompt sets its padded length
+        if current and (len(current) + 1) * len(input_ids[current[0]]) > batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(i)
+    batches.append(current)
+    return _Plan(hooks, spec, token_spans, input_ids, batches)
+
+
+def _pad(model: ModelHandle, ids: list[list[int]], side: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, ids))
+    pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for r, row in enumerate(ids):
+        sl = slice(0, len(row)) if side == "right" else slice(width - len(row), width)
+        input_ids[r, sl] = torch.tensor(row)
+        mask[r, sl] = 1
+    return input_ids.to(device), mask.to(device)
+
+
+def _run(model: ModelHandle, plan: _Plan, sink, padding_side: str, progress: bool, desc: str) -> None:
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    device = model.device
+    resid = [_RESID.match(h) for h in plan.hooks]
+    fast = all(resid)
+    state: dict = {}
+
+    def store(slot: int, hidden: torch.Tensor, last: bool) -> None:
+        sink.write(state["rows"], slot, state["where"].gather(hidden))
+        if last:
+            raise _StopForward
+
+    with contextlib.ExitStack() as stack:
+        if fast:
+            _add_layer_hooks(stack, decoder_layers(model.hf_model), [(int(m.group(1)), m.group(2)) for m in resid],
+                             store)
+            forward = model.hf_model
+        else:
+            _add_bridge_hooks(stack, model, plan.hooks, store)
+            forward = model.bridge.original_model
+        bar = stack.enter_context(tqdm(total=sum(map(len, plan.batches)), desc=desc, unit="prompt",
+                                       disable=not progress))
+        with torch.inference_mode():
+            for batch in plan.batches:
+                ids, mask = _pad(model, [plan.input_ids[i] for i in batch], padding_side, device)
+                spans = [plan.token_spans[i] for i in batch] if plan.token_spans else None
+                state["rows"] = torch.tensor(batch, device=device)
+                state["where"] = pos.resolve(plan.spec, mask, spans)
+                position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+                try:
+                    forward(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
+                except _StopForward:
+                    pass
+                bar.update(len(batch))
+
+
+def _add_layer_hooks(stack: contextlib.ExitStack, layers, points: list[tuple[int, str]], store) -> None:
+    """Forward (pre-)hooks on the plain decoder layers; the latest point in the network stops the pass."""
+    stop_at = max(points, key=lambda p: (p[0], p[1] == "post"))
+    for slot, (layer, kind) in enumerate(points):
+        last = (layer, kind) == stop_at
+        if kind == "pre":
+            def pre_hook(module, args, kwargs, slot=slot, last=last):
+                store(slot, args[0] if args else kwargs["hidden_states"], last)
+            handle = layers[layer].register_forward_pre_hook(pre_hook, with_kwargs=True)
+        else:
+            def post_hook(module, args, output, slot=slot, last=last):
+                store(slot, output[0] if isinstance(output, tuple) else output, last)
+            handle = layers[layer].register_forward_hook(post_hook)
+        stack.callback(handle.remove)
+
+
+def _add_bridge_hooks(stack: contextlib.ExitStack, model: ModelHandle, hooks: list[str], store) -> None:
+    """The bridge's own hook points, for names beyond the residual stream; stop after the last block needed."""
+    def make(slot):
+        def bridge_hook(tensor, hook):
+            store(slot, tensor, False)
+            return tensor
+        return bridge_hook
+    stack.enter_context(model.bridge.hooks(fwd_hooks=[(name, make(slot)) for slot, name in enumerate(hooks)]))
+    blocks = [int(m.group(1)) for h in hooks if (m := _BLOCK.match(h))]
+    if len(blocks) == len(hooks):
+        def stop_hook(module, args, output):
+            raise _StopForward
+        stack.callback(model.bridge.blocks[max(blocks)].register_forward_hook(stop_hook).remove)
+
+
+def extract(model: ModelHandle, prompts: Sequence[str], hooks: Sequence[str] | None = None,
+            positions: pos.PositionSpec = "last", spans: Sequence[tuple[int, int]] | None = None,
+            dtype: torch.dtype = torch.float32, batch_tokens: int | None = None, padding_side: str = "right",
+            add_special_tokens: bool = True, progress: bool = True, max_device_bytes: int | None = None,
+            spill_dir: str | os.PathLike | None = None) -> ActivationCache | ShardedActivationCache:
+    """Activations of ``prompts`` at ``hooks`` (default: :func:`residual_hooks`) and ``positions``.
+
+    positions: ``"last"`` (last token), ``"span_last"`` / ``"span_mean"`` (last token of / mean over the character
+    span given per prompt in ``spans``, see :func:`probes.positions.mark_span`), or negative token indices such as
+    ``model.post_instruction_positions()``. The result lives on the model's device; if it would need more than
+    ``max_device_bytes`` (default: 80% of free CUDA memory, unlimited on the CPU) it is written to ``spill_dir`` in
+    shards and a :class:`ShardedActivationCache` is returned instead.
+    """
+    device = model.device
+    plan = _plan(model, prompts, hooks, positions, spans, batch_tokens or default_batch_tokens(device),
+                 add_special_tokens)
+    n, n_pos, n_hooks = len(plan.input_ids), pos.n_positions(plan.spec), len(plan.hooks)
+    row_bytes = n_pos * n_hooks * model.d_model * torch.empty((), dtype=dtype).element_size()
+    budget = max_device_bytes if max_device_bytes is not None else _free_device_bytes(device)
+    meta = {"format": FORMAT_VERSION, "model": model.name, "hook_names": plan.hooks,
+            "positions": plan.spec if isinstance(plan.spec, str) else list(plan.spec), "dtype": _dtype_name(dtype),
+            "n_prompts": n, "d_model": model.d_model, "prompts_sha256": _prompts_digest(prompts, spans)}
+    if n * row_bytes > budget:
+        if spill_dir is None:
+            raise ValueError(f"the cache needs {n * row_bytes / 2**30:.2f} GiB, over the device budget of "
+                             f"{budget / 2**30:.2f} GiB: pass spill_dir= to write it to disk in shards")
+        return _extract_sharded(model, plan, meta, dtype, max(1, budget // (2 * row_bytes)), padding_side,
+                                progress, Path(spill_dir))
+    sink = _DenseSink(n, n_pos, n_hooks, model.d_model, dtype, device)
+    _run(model, plan, sink, padding_side, progress, "extract")
+    acts = sink.acts.squeeze(1) if isinstance(plan.spec, str) else sink.acts
+    meta.pop("hook_names")
+    return ActivationCache(acts, plan.hooks, meta)
+
+
+def _free_device_bytes(device: torch.device) -> float:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return 0.8 * free
+    return math.inf
+
+
+def _extract_sharded(model: ModelHandle, plan: _Plan, meta: dict, dtype, rows_per_shard: int, padding_side: str,
+                     progress: bool, directory: Path) -> ShardedActivationCache:
+    if directory.exists():
+        raise CacheError(f"{directory} exists already; remove it or choose another spill_dir")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        shards = []
+        all_rows = list(range(len(plan.input_ids)))
+        for k, start in enumerate(range(0, len(all_rows), rows_per_shard)):
+            rows = all_rows[start:start + rows_per_shard]
+            sub = _Plan(plan.hooks, plan.spec, [plan.token_spans[i] for i in rows] if plan.token_spans else None,
+                        [plan.input_ids[i] for i in rows], [])
+            sub.batches = _rebatch(plan.batches, rows)
+            sink = _DenseSink(len(rows), pos.n_positions(plan.spec), len(plan.hooks), model.d_model, dtype,
+                              model.device)
+            _run(model, sub, sink, padding_side, progress, f"shard {k}")
+            name = f"shard-{k:05d}.safetensors"
+            save_file({"acts": sink.acts.movedim(2, 0).contiguous()}, str(tmp / name))
+            shards.append(name)
+            del sink
+        (tmp / "meta.json").write_text(json.dumps({**meta, "shards": shards}, indent=1))
+        os.replace(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return ShardedActivationCache(directory, model.device)
+
+
+def _rebatch(batches: list[list[int]], rows: list[int]) -> list[list[int]]:
+    """The global length-sorted batches restricted to ``rows``, renumbered to positions within ``rows``."""
+    local = {r: i for i, r in enumerate(rows)}
+    out = [[local[i] for i in b if i in local] for b in batches]
+    return [b for b in out if b]
+
+
+def extract_group_means(model: ModelHandle, prompts: Sequence[str], labels: Sequence,
+                        hooks: Sequence[str] | None = None, positions: pos.PositionSpec = "last",
+                        spans: Sequence[tuple[int, int]] | None = None, batch_tokens: int | None = None,
+                        padding_side: str = "right", add_special_tokens: bool = True,
+                        progress: bool = True) -> GroupMeans:
+    """Mean activation per label (float64, on the device) without keeping any row: for difference-in-means."""
+    labels = list(labels)
+    if len(labels) != len(prompts):
+        raise ValueError(f"{len(labels)} labels for {len(prompts)} prompts")
+    groups = sorted(set(labels), key=str)
+    codes = torch.tensor([groups.index(x) for x in labels])
+    plan = _plan(model, prompts, hooks, positions, spans, batch_tokens or default_batch_tokens(model.device),
+                 add_special_tokens)
+    sink = _MeanSink(codes, len(groups), pos.n_positions(plan.spec), len(plan.hooks), model.d_model, model.device)
+    _run(model, plan, sink, padding_side, progress, "group means")
+    return GroupMeans(sink.sums, sink.counts, groups, plan.hooks)

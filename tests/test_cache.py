@@ -1,0 +1,185 @@
+import pytest
+import torch
+
+from probes.cache import (ActivationCache, CacheError, ShardedActivationCache, _pad, extract, extract_group_means,
+                          residual_hooks)
+from probes.positions import mark_span
+
+PROMPTS = ["The Eiffel Tower is located in the city of", "Hi there", "What is the location of the Golden Gate Bridge?",
+           "Tokyo is the capital of"]
+ENTITIES = [mark_span(t, e) for t, e in [("Where is {entity}?", "Mount Everest"),
+                                         ("{entity} is a lake", "Lake Titicaca"),
+                                         ("Tell me about {entity} please", "the Sahara desert")]]
+
+
+def hidden_same_batch(model, prompts, side):
+    """HF output_hidden_states for the very batch extract builds: [n, n_layers + 1, seq, d] and the mask."""
+    ids = [model.tokenizer(p)["input_ids"] for p in prompts]
+    input_ids, mask = _pad(model, ids, side, model.device)
+    with torch.inference_mode():
+        hidden = model.hf_model(input_ids=input_ids, attention_mask=mask,
+                                position_ids=(mask.cumsum(1) - 1).clamp(min=0), output_hidden_states=True).hidden_states
+    return torch.stack(hidden, 1), mask
+
+
+def hidden_alone(model, prompt):
+    ids = model.tokenizer(prompt, return_tensors="pt")
+    with torch.inference_mode():
+        return torch.stack(model.hf_model(**ids, output_hidden_states=True).hidden_states, 1)[0]
+
+
+def token_index(mask, row, i):
+    """Padded index of the i-th real token of a row (negative i counts from the end)."""
+    real = mask[row].nonzero().flatten()
+    return real[i]
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_last_token_matches_hidden_states_for_every_layer(embedded, side):
+    hooks = residual_hooks(embedded)[:-1]  # hidden_states[-1] of HF has the final norm applied
+    cache = extract(embedded, PROMPTS, hooks=hooks, padding_side=side, batch_tokens=10_000, progress=False)
+    hidden, mask = hidden_same_batch(embedded, PROMPTS, side)
+    assert cache.acts.shape == (len(PROMPTS), embedded.n_layers, embedded.d_model)
+    for row in range(len(PROMPTS)):
+        ref = hidden[row, :embedded.n_layers, token_index(mask, row, -1)]
+        assert (cache.acts[row] - ref).abs().max() < 1e-4
+        alone = hidden_alone(embedded, PROMPTS[row])[:embedded.n_layers, -1]
+        assert ((cache.acts[row] - alone).abs().amax(-1) / alone.abs().amax(-1)).max() < 1e-4
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_negative_positions_match_hidden_states(embedded, side):
+    prompts = [PROMPTS[0], PROMPTS[2], PROMPTS[3]]
+    cache = extract(embedded, prompts, hooks=residual_hooks(embedded, range(embedded.n_layers)),
+                    positions=[-3, -2, -1], padding_side=side, progress=False)
+    hidden, mask = hidden_same_batch(embedded, prompts, side)
+    assert cache.acts.shape == (3, 3, embedded.n_layers, embedded.d_model)
+    for row in range(3):
+        for p, offset in enumerate([-3, -2, -1]):
+            ref = hidden[row, :embedded.n_layers, token_index(mask, row, offset)]
+            assert (cache.acts[row, p] - ref).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("mode", ["span_last", "span_mean"])
+def test_span_positions_match_hidden_states(embedded, side, mode):
+    prompts, spans = [p for p, _ in ENTITIES], [s for _, s in ENTITIES]
+    hooks = ["blocks.0.hook_resid_pre", "blocks.7.hook_resid_post", "blocks.20.hook_resid_pre"]
+    cache = extract(embedded, prompts, hooks=hooks, positions=mode, spans=spans, padding_side=side, progress=False)
+    hidden, mask = hidden_same_batch(embedded, prompts, side)
+    for row, (prompt, (a, b)) in enumerate(ENTITIES):
+        enc = embedded.tokenizer(prompt, return_offsets_mapping=True)
+        toks = [i for i, (s, e) in enumerate(enc["offset_mapping"]) if e > s and s < b and e > a]
+        entity_text = embedded.tokenizer.decode([enc["input_ids"][i] for i in toks]).strip()
+        assert entity_text == prompt[a:b]
+        idx = [token_index(mask, row, i) for i in toks]
+        for slot, layer in enumerate([0, 8, 20]):
+            states = hidden[row, layer, idx]
+            ref = states[-1] if mode == "span_last" else states.mean(0)
+            assert (cache.acts[row, slot] - ref).abs().max() < 1e-4
+
+
+def test_last_resid_post_and_other_hooks_agree_with_bridge(embedded):
+    ids = embedded.tokenizer(PROMPTS[:1], return_tensors="pt")["input_ids"]
+    names = ["blocks.29.hook_resid_post", "blocks.4.hook_mlp_out", "blocks.2.hook_attn_out"]
+    with torch.inference_mode():
+        _, ref = embedded.bridge.run_with_cache(ids, names_filter=lambda n: n in names)
+    fast = extract(embedded, PROMPTS[:1], hooks=names[:1], progress=False)
+    rel = (fast.acts[0, 0] - ref[names[0]][0, -1]).abs().max() / ref[names[0]].abs().max()
+    assert rel < 1e-5
+    other = extract(embedded, PROMPTS[:1], hooks=names[1:], progress=False)
+    for slot, name in enumerate(names[1:]):
+        assert (other.acts[0, slot] - ref[name][0, -1]).abs().max() < 1e-4
+
+
+def test_forward_stops_after_last_requested_layer(embedded):
+    ran = []
+    handle = embedded.hf_model.model.layers[10].register_forward_hook(lambda *a: ran.append(1))
+    try:
+        extract(embedded, PROMPTS, hooks=["blocks.3.hook_resid_post", "blocks.9.hook_resid_post"], progress=False)
+        assert ran == []
+        extract(embedded, PROMPTS[:1], hooks=["blocks.10.hook_resid_post"], progress=False)
+        assert ran == [1]
+    finally:
+        handle.remove()
+
+
+def test_dtype_option(embedded):
+    full = extract(embedded, PROMPTS, progress=False)
+    half = extract(embedded, PROMPTS, dtype=torch.bfloat16, progress=False)
+    assert half.acts.dtype == torch.bfloat16 and half.acts.shape == full.acts.shape
+    assert ((half.acts.float() - full.acts).abs() / (full.acts.abs() + 1)).max() < 1e-2
+
+
+def test_save_load_round_trip_and_checks(embedded, tmp_path):
+    cache = extract(embedded, PROMPTS, progress=False)
+    path = cache.save(tmp_path / "acts.safetensors")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left behind
+    again = ActivationCache.load(path, model="embedded", hooks=cache.hook_names, positions="last", prompts=PROMPTS,
+                                 dtype=torch.float32)
+    assert torch.equal(again.acts, cache.acts) and again.hook_names == cache.hook_names
+    assert torch.equal(again["blocks.5.hook_resid_pre"], cache.acts[:, 5])
+    with pytest.raises(CacheError, match="prompts_sha256"):
+        ActivationCache.load(path, prompts=PROMPTS[::-1])
+    with pytest.raises(CacheError, match="model"):
+        ActivationCache.load(path, model="random:llama-tiny", positions=[-1])
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CacheError, match="truncated"):
+        ActivationCache.load(truncated)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a safetensors file")
+    with pytest.raises(CacheError):
+        ActivationCache.load(garbage)
+    with pytest.raises(FileNotFoundError):
+        ActivationCache.load(tmp_path / "missing.safetensors")
+
+
+def test_large_cache_spills_to_disk_in_shards(embedded, tmp_path):
+    prompts = PROMPTS * 3
+    dense = extract(embedded, prompts, progress=False)
+    row_bytes = dense.acts[0].numel() * 4
+    with pytest.raises(ValueError, match="spill_dir"):
+        extract(embedded, prompts, max_device_bytes=5 * row_bytes, progress=False)
+    sharded = extract(embedded, prompts, max_device_bytes=5 * row_bytes, spill_dir=tmp_path / "spill",
+                      progress=False)
+    assert isinstance(sharded, ShardedActivationCache)
+    assert len(sharded.meta["shards"]) > 1 and len(sharded) == len(prompts)
+    for h, (name, acts) in enumerate(sharded.iter_layers()):
+        assert name == dense.hook_names[h]
+        ref = dense.acts[:, h]  # other batch shapes: equal up to float32 rounding of the row's scale
+        assert ((acts - ref).abs().amax(-1) / ref.abs().amax(-1)).max() < 1e-4
+    with pytest.raises(CacheError, match="exists"):
+        extract(embedded, prompts, max_device_bytes=5 * row_bytes, spill_dir=tmp_path / "spill", progress=False)
+
+
+def test_group_means_equal_means_of_rows(embedded):
+    labels = ["harmful", "harmless", "harmful", "harmless"]
+    dense = extract(embedded, PROMPTS, positions=[-2, -1], progress=False)
+    means = extract_group_means(embedded, PROMPTS, labels, positions=[-2, -1], progress=False)
+    assert means.sums.dtype == torch.float64 and means.counts.tolist() == [2, 2]
+    expected = dense.acts[[0, 2]].double().mean(0) - dense.acts[[1, 3]].double().mean(0)
+    assert (means.difference("harmful", "harmless") - expected).abs().max() < 1e-3
+
+
+def test_random_model_extraction(tiny):
+    cache = extract(tiny, PROMPTS, progress=False)
+    assert cache.acts.shape == (4, tiny.n_layers + 1, tiny.d_model) and torch.isfinite(cache.acts).all()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(prompts=[]), "empty"),
+    (dict(prompts="one string"), "list of strings"),
+    (dict(hooks=["blocks.99.hook_resid_pre"]), "unknown hook"),
+    (dict(hooks=["blocks.0.hook_nonsense"]), "unknown hook"),
+    (dict(positions="first"), "unknown position mode"),
+    (dict(positions=[0, 1]), "negative"),
+    (dict(positions="span_mean"), "spans"),
+    (dict(positions=[-50]), "before the start"),
+    (dict(positions="span_last", spans=[(0, 3)]), "spans for"),
+    (dict(padding_side="middle"), "padding_side"),
+])
+def test_bad_inputs_are_refused(embedded, kwargs, message):
+    args = dict(prompts=PROMPTS, progress=False) | kwargs
+    with pytest.raises(ValueError, match=message):
+        extract(embedded, **args)
