@@ -289,14 +289,18 @@ def _plan(model: ModelHandle, prompts: Sequence[str], hooks, positions, spans, b
     prompts = list(prompts)
     if not prompts:
         raise ValueError("the prompt list is empty")
-    if not all(isinstance(p, str) for p in prompts):
-        raise ValueError("every prompt must be a string")
-    if spans is not None and len(spans) != len(prompts):
-        raise ValueError(f"{len(spans)} spans for {len(prompts)} prompts: give one (start, end) per prompt")
+    pretokenized = all(isinstance(p, (list, tuple)) for p in prompts)
+    if not pretokenized and not all(isinstance(p, str) for p in prompts):
+        raise ValueError("every prompt must be a string (or every prompt a list of token ids)")
+    if spans is not None and (pretokenized or len(spans) != len(prompts)):
+        raise ValueError(f"{len(spans)} spans for {len(prompts)} prompts: give one (start, end) per text prompt")
     hooks = _check_hooks(model, residual_hooks(model) if hooks is None else hooks)
     spec = pos.validate(positions, spans is not None)
-    enc = model.tokenizer(prompts, add_special_tokens=add_special_tokens,
-                          return_offsets_mapping=spans is not None)
+    if pretokenized:
+        enc = {"input_ids": [list(map(int, p)) for p in prompts]}
+    else:
+        enc = model.tokenizer(prompts, add_special_tokens=add_special_tokens,
+                              return_offsets_mapping=spans is not None)
     input_ids = enc["input_ids"]
     empty = [i for i, ids in enumerate(input_ids) if not ids]
     if empty:
@@ -400,7 +404,7 @@ def extract(model: ModelHandle, prompts: Sequence[str], hooks: Sequence[str] | N
             dtype: torch.dtype = torch.float32, batch_tokens: int | None = None, padding_side: str = "right",
             add_special_tokens: bool = True, progress: bool = True, max_device_bytes: int | None = None,
             spill_dir: str | os.PathLike | None = None) -> ActivationCache | ShardedActivationCache:
-    """Activations of ``prompts`` at ``hooks`` (default: :func:`residual_hooks`) and ``positions``.
+    """Activations of ``prompts`` (texts, or lists of token ids) at ``hooks`` (default: :func:`residual_hooks`).
 
     positions: ``"last"`` (last token), ``"span_last"`` / ``"span_mean"`` (last token of / mean over the character
     span given per prompt in ``spans``, see :func:`probes.positions.mark_span`), or negative token indices such as

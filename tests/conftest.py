@@ -12,12 +12,20 @@ import torch
 from probes.models import load_model
 
 
+DEVICE = os.environ.get("WORKBENCH_TEST_DEVICE", "cpu")  # set to "cuda" to run the suite on a GPU
+
+
+@pytest.fixture(scope="session")
+def device():
+    return torch.device(DEVICE)
+
+
 @pytest.fixture(scope="session")
 def embedded():
     torch.manual_seed(0)
-    return load_model("embedded", device="cpu")
+    return load_model("embedded", device=DEVICE)
 
 
 @pytest.fixture(scope="session")
 def tiny():
-    return load_model("random:llama-tiny", device="cpu")
+    return load_model("random:llama-tiny", device=DEVICE)

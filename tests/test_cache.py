@@ -23,7 +23,7 @@ def hidden_same_batch(model, prompts, side):
 
 
 def hidden_alone(model, prompt):
-    ids = model.tokenizer(prompt, return_tensors="pt")
+    ids = model.tokenizer(prompt, return_tensors="pt").to(model.device)
     with torch.inference_mode():
         return torch.stack(model.hf_model(**ids, output_hidden_states=True).hidden_states, 1)[0]
 
@@ -80,7 +80,7 @@ def test_span_positions_match_hidden_states(embedded, side, mode):
 
 
 def test_last_resid_post_and_other_hooks_agree_with_bridge(embedded):
-    ids = embedded.tokenizer(PROMPTS[:1], return_tensors="pt")["input_ids"]
+    ids = embedded.tokenizer(PROMPTS[:1], return_tensors="pt")["input_ids"].to(embedded.device)
     names = ["blocks.29.hook_resid_post", "blocks.4.hook_mlp_out", "blocks.2.hook_attn_out"]
     with torch.inference_mode():
         _, ref = embedded.bridge.run_with_cache(ids, names_filter=lambda n: n in names)

@@ -7,7 +7,7 @@ from probes.models import ModelLoadError, builtin_names, load_model
 def test_embedded_metadata(embedded):
     assert (embedded.n_layers, embedded.d_model) == (30, 576)
     assert embedded.name == "embedded"
-    assert embedded.dtype == torch.float32
+    assert embedded.dtype == torch.float32 and embedded.device.type in ("cpu", "cuda")
     assert "blocks.29.hook_resid_post" in embedded.hook_names()
 
 
@@ -19,7 +19,7 @@ def test_bridge_shares_weights_with_hf_model(embedded):
 
 
 def test_bridge_hooks_agree_with_hf_hidden_states(embedded):
-    ids = embedded.tokenizer(["The capital of France is"], return_tensors="pt")["input_ids"]
+    ids = embedded.tokenizer(["The capital of France is"], return_tensors="pt")["input_ids"].to(embedded.device)
     with torch.inference_mode():
         _, cache = embedded.bridge.run_with_cache(ids, names_filter=lambda n: n.endswith("hook_resid_pre"))
         hidden = embedded.hf_model(ids, output_hidden_states=True).hidden_states
@@ -40,11 +40,11 @@ def test_chat_template_post_instruction_positions(embedded):
 
 
 def test_random_model_is_seeded(tiny):
-    again = load_model("random:llama-tiny", device="cpu")
+    again = load_model("random:llama-tiny", device=tiny.device)
     assert tiny.n_layers == 4 and tiny.d_model == 64
     assert torch.equal(tiny.hf_model.model.layers[0].mlp.up_proj.weight,
                        again.hf_model.model.layers[0].mlp.up_proj.weight)
-    other = load_model("random:llama-tiny", device="cpu", seed=1)
+    other = load_model("random:llama-tiny", device=tiny.device, seed=1)
     assert not torch.equal(tiny.hf_model.model.layers[0].mlp.up_proj.weight,
                            other.hf_model.model.layers[0].mlp.up_proj.weight)
 
