@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from probes import positions as pos
-from probes.models import ModelHandle
+from probes.models import ModelHandle, default_device
 
 FORMAT_VERSION = 1
 _RESID = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
@@ -127,12 +127,13 @@ class ActivationCache:
              model: str | None = None, hooks: Sequence[str] | None = None, positions: pos.PositionSpec | None = None,
              prompts: Sequence[str] | None = None, spans: Sequence | None = None,
              dtype: torch.dtype | None = None) -> "ActivationCache":
-        """Read a saved cache; every expectation given (model, hooks, ...) must match or :class:`CacheError`."""
+        """Read a saved cache onto ``device`` (default: CUDA if present); every expectation given (model, hooks,
+        ...) must match, else :class:`CacheError`."""
         meta = read_metadata(path)
         check_metadata(meta, path, model=model, hooks=hooks, positions=positions, prompts=prompts, spans=spans,
                        dtype=dtype)
         try:
-            with safe_open(str(path), framework="pt", device=str(device or "cpu")) as f:
+            with safe_open(str(path), framework="pt", device=str(device or default_device())) as f:
                 acts = f.get_tensor("acts")
         except (SafetensorError, OSError, RuntimeError) as err:
             raise CacheError(f"activation cache {path} is unreadable or truncated ({err}); delete it and "
