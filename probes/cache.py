@@ -71,6 +71,30 @@ def _check_hooks(model: ModelHandle, hooks: Sequence[str]) -> list[str]:
     return hooks
 
 
+def hook_width(model: ModelHandle, hooks: Sequence[str]) -> int:
+    """Width of the activations at ``hooks``; all must be [batch, seq, width] tensors of one width."""
+    if all(_RESID.match(h) for h in hooks):
+        return model.d_model
+    shapes: dict[str, tuple] = {}
+
+    def record(tensor, hook):
+        shapes[hook.name] = tuple(tensor.shape)
+        return tensor
+
+    ids = torch.tensor([[model.tokenizer.eos_token_id or 0] * 2], device=model.device)
+    with torch.inference_mode(), model.bridge.hooks(fwd_hooks=[(h, record) for h in hooks]):
+        model.bridge.original_model(input_ids=ids, use_cache=False)
+    by_name = {h: shapes.get(model.bridge.hook_dict[h].name) for h in hooks}
+    odd = {h: s for h, s in by_name.items() if s is None or len(s) != 3}
+    if odd:
+        raise ValueError(f"hook points {odd} do not give [batch, seq, width] activations; the cache gathers token "
+                         "positions, so use hooks on the residual stream, attention/MLP outputs or MLP neurons")
+    widths = {s[-1] for s in by_name.values()}
+    if len(widths) > 1:
+        raise ValueError(f"hook points of different widths {by_name}: extract them in separate calls")
+    return widths.pop()
+
+
 def _prompts_digest(prompts: Sequence[str], spans: Sequence | None) -> str:
     payload = json.dumps([list(prompts), [list(s) for s in spans] if spans is not None else None])
     return hashlib.sha256(payload.encode()).hexdigest()
@@ -417,18 +441,19 @@ def extract(model: ModelHandle, prompts: Sequence[str], hooks: Sequence[str] | N
     plan = _plan(model, prompts, hooks, positions, spans, batch_tokens or default_batch_tokens(device),
                  add_special_tokens)
     n, n_pos, n_hooks = len(plan.input_ids), pos.n_positions(plan.spec), len(plan.hooks)
-    row_bytes = n_pos * n_hooks * model.d_model * torch.empty((), dtype=dtype).element_size()
+    width = hook_width(model, plan.hooks)
+    row_bytes = n_pos * n_hooks * width * torch.empty((), dtype=dtype).element_size()
     budget = max_device_bytes if max_device_bytes is not None else _free_device_bytes(device)
     meta = {"format": FORMAT_VERSION, "model": model.name, "hook_names": plan.hooks,
             "positions": plan.spec if isinstance(plan.spec, str) else list(plan.spec), "dtype": _dtype_name(dtype),
-            "n_prompts": n, "d_model": model.d_model, "prompts_sha256": _prompts_digest(prompts, spans)}
+            "n_prompts": n, "width": width, "prompts_sha256": _prompts_digest(prompts, spans)}
     if n * row_bytes > budget:
         if spill_dir is None:
             raise ValueError(f"the cache needs {n * row_bytes / 2**30:.2f} GiB, over the device budget of "
                              f"{budget / 2**30:.2f} GiB: pass spill_dir= to write it to disk in shards")
         return _extract_sharded(model, plan, meta, dtype, max(1, budget // (2 * row_bytes)), padding_side,
                                 progress, Path(spill_dir))
-    sink = _DenseSink(n, n_pos, n_hooks, model.d_model, dtype, device)
+    sink = _DenseSink(n, n_pos, n_hooks, width, dtype, device)
     _run(model, plan, sink, padding_side, progress, "extract")
     acts = sink.acts.squeeze(1) if isinstance(plan.spec, str) else sink.acts
     meta.pop("hook_names")
@@ -456,7 +481,7 @@ def _extract_sharded(model: ModelHandle, plan: _Plan, meta: dict, dtype, rows_pe
             sub = _Plan(plan.hooks, plan.spec, [plan.token_spans[i] for i in rows] if plan.token_spans else None,
                         [plan.input_ids[i] for i in rows], [])
             sub.batches = _rebatch(plan.batches, rows)
-            sink = _DenseSink(len(rows), pos.n_positions(plan.spec), len(plan.hooks), model.d_model, dtype,
+            sink = _DenseSink(len(rows), pos.n_positions(plan.spec), len(plan.hooks), meta["width"], dtype,
                               model.device)
             _run(model, sub, sink, padding_side, progress, f"shard {k}")
             name = f"shard-{k:05d}.safetensors"
@@ -490,6 +515,7 @@ def extract_group_means(model: ModelHandle, prompts: Sequence[str], labels: Sequ
     codes = torch.tensor([groups.index(x) for x in labels])
     plan = _plan(model, prompts, hooks, positions, spans, batch_tokens or default_batch_tokens(model.device),
                  add_special_tokens)
-    sink = _MeanSink(codes, len(groups), pos.n_positions(plan.spec), len(plan.hooks), model.d_model, model.device)
+    sink = _MeanSink(codes, len(groups), pos.n_positions(plan.spec), len(plan.hooks), hook_width(model, plan.hooks),
+                     model.device)
     _run(model, plan, sink, padding_side, progress, "group means")
     return GroupMeans(sink.sums, sink.counts, groups, plan.hooks)

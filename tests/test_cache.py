@@ -92,6 +92,16 @@ def test_last_resid_post_and_other_hooks_agree_with_bridge(embedded):
         assert (other.acts[0, slot] - ref[name][0, -1]).abs().max() < 1e-4
 
 
+def test_mlp_neurons_and_pattern_hooks(embedded):
+    neurons = extract(embedded, PROMPTS[:2], hooks=["blocks.3.mlp.hook_post", "blocks.5.mlp.hook_post"],
+                      progress=False)
+    assert neurons.acts.shape == (2, 2, embedded.hf_model.config.intermediate_size)
+    with pytest.raises(ValueError, match="different widths"):
+        extract(embedded, PROMPTS[:2], hooks=["blocks.3.mlp.hook_post", "blocks.3.hook_resid_mid"], progress=False)
+    with pytest.raises(ValueError, match=r"\[batch, seq, width\]"):
+        extract(embedded, PROMPTS[:2], hooks=["blocks.3.attn.hook_pattern"], progress=False)
+
+
 def test_forward_stops_after_last_requested_layer(embedded):
     ran = []
     handle = embedded.hf_model.model.layers[10].register_forward_hook(lambda *a: ran.append(1))
