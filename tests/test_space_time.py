@@ -1,0 +1,57 @@
+import json
+
+import numpy as np
+import pytest
+
+from probes import space_time
+from tests.notebook_runner import figures, run_notebook
+
+CONTRACT = {"targets", "layers", "r2", "spearman", "best_layer", "best_r2"}
+
+
+def test_cli_writes_the_contract(embedded, tmp_path, monkeypatch):
+    monkeypatch.setattr(space_time, "load_model", lambda *a, **k: embedded)
+    space_time.main(["--model", "embedded", "--datasets", "world_place,art", "--n", "120", "--templates", "empty",
+                     "--out", str(tmp_path)])
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["model"] == "embedded"
+    assert set(results["datasets"]) == {"world_place", "art"}
+    for name, entry in results["datasets"].items():
+        assert CONTRACT <= set(entry)
+        assert len(entry["r2"]) == len(entry["layers"]) == len(entry["spearman"]) == embedded.n_layers + 1
+        assert entry["best_r2"] == pytest.approx(max(entry["r2"]))
+        assert entry["best_layer"] == int(np.argmax(entry["r2"]))
+    assert results["datasets"]["world_place"]["targets"] == ["latitude", "longitude"]
+    assert (tmp_path / "r2_by_layer.html").is_file() and (tmp_path / "world_place_predictions.html").is_file()
+
+
+def test_place_probe_improves_from_embeddings_to_middle_layers_and_matches_sklearn(embedded):
+    results, _ = space_time.reproduce(embedded, ["world_place"], 400, templates=["empty"], n_blocks=2,
+                                      neuron_ks=(1, 8), progress=False)
+    entry = results["datasets"]["world_place"]
+    middle = entry["r2"][embedded.n_layers // 4: 3 * embedded.n_layers // 4]
+    assert max(middle) > entry["r2"][0] + 0.05
+    assert abs(entry["best_r2"] - entry["sklearn_ridgecv_r2_at_best_layer"]) < 1e-3
+    assert entry["heldout_blocks"] and entry["median_error_km"] > 0
+    assert set(entry["neurons"]["r2_top_k"]) == {"1", "8", str(embedded.hf_model.config.intermediate_size)}
+
+
+def test_unknown_dataset_or_template(embedded):
+    with pytest.raises(ValueError, match="unknown dataset"):
+        space_time.reproduce(embedded, ["mars_place"], 10)
+    with pytest.raises(ValueError, match="unknown template"):
+        space_time.reproduce(embedded, ["art"], 10, templates=["poem"])
+
+
+def test_notebook_runs_and_shows_the_figures(tmp_path):
+    nb = run_notebook("01_space_time.ipynb", {"MODEL": "embedded", "DATASETS": list(space_time.ALL_DATASETS),
+                                              "N": 100, "TEMPLATES": ["empty", "question"],
+                                              "OUT": str(tmp_path / "nb")})
+    figs = figures(nb)
+    kinds = [{t["type"] for t in f["data"]} for f in figs]
+    assert len(figs) >= 8
+    r2_fig = figs[0]
+    assert [t["name"] for t in r2_fig["data"]] == list(space_time.ALL_DATASETS)
+    assert sum("scattergeo" in k for k in kinds) == 3  # world, US and NYC maps
+    assert any(k == {"bar"} for k in kinds)  # held-out blocks
+    assert (tmp_path / "nb" / "headline_predictions.html").is_file()
