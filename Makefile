@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(PY) -m probes.extract --model embedded --dataset world_place --n 200 --out $(OUT)/extract
+	$(PY) -m probes.space_time --model embedded --n 200 --templates empty --out $(OUT)/space_time
 
 test: $(STAMP)
 	$(PY) -m pytest -q
