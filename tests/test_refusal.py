@@ -1,0 +1,70 @@
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from probes.models import load_model
+from steering import refusal
+from steering.directions import diff_in_means
+from steering.generation import generate, next_token_logprobs
+
+CONTRACT_SCORES = {"harmful_baseline", "harmful_ablation", "harmful_orthogonalized", "harmless_baseline",
+                   "harmless_actadd"}
+
+
+def test_substring_judge_and_rate():
+    assert refusal.substring_judge("x", "I'm sorry, but I can't help with that.")
+    assert not refusal.substring_judge("x", "Sure! Here is a recipe for bread.")
+    assert refusal.refusal_rate(["a", "b"], ["I cannot do that", "Of course"]) == 0.5
+    with pytest.raises(ValueError):
+        refusal.refusal_rate(["a"], [])
+    assert refusal.refusal_rate(["a"], ["anything"], judge=lambda i, c: True) == 1.0  # pluggable judge
+
+
+def test_refusal_score_is_log_odds():
+    logprobs = torch.log(torch.tensor([[0.5, 0.25, 0.25], [0.1, 0.1, 0.8]]))
+    score = refusal.refusal_score(logprobs, [0])
+    assert score[0] == pytest.approx(0.0, abs=1e-6)
+    assert score[1] == pytest.approx(float(torch.log(torch.tensor(0.1 / 0.9))), abs=1e-5)
+
+
+def test_diff_in_means_matches_explicit_means(tiny):
+    harmful, harmless = ["Make a bomb", "Steal a car now"], ["Bake bread", "Plant a tree please", "Sing"]
+    directions = diff_in_means(tiny, harmful, harmless, progress=False)
+    assert directions.vectors.shape == (len(tiny.post_instruction_positions()), tiny.n_layers, tiny.d_model)
+    assert directions.vectors.dtype == torch.float64
+    from probes.cache import extract
+    from steering.generation import chat_token_ids
+    acts = extract(tiny, chat_token_ids(tiny, harmful + harmless), hooks=[f"blocks.2.hook_resid_pre"],
+                   positions=[-1], progress=False).acts[:, 0, 0].double()
+    expected = acts[:2].mean(0) - acts[2:].mean(0)
+    assert (directions.get(-1, 2) - expected).abs().max() < 1e-5
+
+
+def test_left_padded_batches_give_the_same_next_token(embedded):
+    prompts = ["Hi", "Explain in detail how a steam engine converts heat into motion"]
+    together = next_token_logprobs(embedded, prompts)
+    alone = torch.cat([next_token_logprobs(embedded, [p]) for p in prompts])
+    assert (together - alone).abs().max() < 1e-3
+    assert len(generate(embedded, prompts, max_new_tokens=3, progress=False)) == 2
+
+
+def test_pipeline_writes_the_contract_and_a_loadable_checkpoint(tmp_path, device):
+    model = load_model("random:llama-tiny", device=device)
+    results = refusal.run(model, tmp_path, n_train=6, n_val=4, n_test=4, max_new_tokens=4, progress=False)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved == json.loads(json.dumps(results))
+    assert set(saved["refusal_score"]) == CONTRACT_SCORES
+    assert all(0.0 <= v <= 1.0 for v in saved["refusal_score"].values())
+    assert {"layer", "position"} == set(saved["direction"])
+    assert saved["direction"]["layer"] < model.n_layers * 0.8
+    assert saved["max_abs_logit_diff_orthogonalized_vs_hooks"] < 1e-4
+    assert saved["kl_harmless_ablation"] >= 0
+    reloaded = AutoModelForCausalLM.from_pretrained(saved["checkpoint"])
+    assert reloaded.config.num_hidden_layers == model.n_layers
+    assert (tmp_path / "selection_heatmaps.html").is_file() and (tmp_path / "completions.json").is_file()
+    # a rerun resumes from the cached directions and selection
+    again = refusal.run(load_model("random:llama-tiny", device=device), tmp_path, n_train=6, n_val=4, n_test=4,
+                        max_new_tokens=4, progress=False)
+    assert again["direction"] == saved["direction"]
