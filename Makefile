@@ -20,6 +20,8 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m probes.extract --model embedded --dataset world_place --n 200 --out $(OUT)/extract
 	$(PY) -m probes.space_time --model embedded --n 200 --templates empty --out $(OUT)/space_time
+	$(PY) -m steering.refusal --model embedded-refuser --n-train 64 --n-val 8 --n-test 16 --layer-step 3 \
+		--max-new-tokens 24 --out $(OUT)/refusal
 
 test: $(STAMP)
 	$(PY) -m pytest -q

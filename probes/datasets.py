@@ -151,8 +151,8 @@ def load_entities(name: str, n: int | None = None, seed: int = 0, source: str | 
         frame = frame.assign(decade=(frame[target_cols[0]] // 10 * 10).astype(int).astype(str) + "s")
     frame = frame.reset_index(drop=True)
     return EntityData(name=name, kind=spec.kind, frame=frame, entities=frame["_entity"].astype(str).tolist(),
-                      targets=frame[target_cols].to_numpy(dtype=np.float64), target_names=list(targets.columns),
-                      is_test=is_test)
+                      targets=np.array(frame[target_cols], dtype=np.float64), target_names=list(targets.columns),
+                      is_test=np.array(is_test, dtype=bool))
 
 
 REFUSAL_KINDS = ("harmful", "harmless")

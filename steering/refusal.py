@@ -86,10 +86,14 @@ class CandidateScore:
 
 def score_candidates(model: ModelHandle, candidates: CandidateDirections, harmful: Sequence[str],
                      harmless: Sequence[str], prune_last: float = 0.2, kl_max: float = 0.1,
-                     progress: bool = True) -> list[CandidateScore]:
-    """Score every candidate (batched over the prompts of each evaluation) and mark those passing the filters."""
+                     batch_size: int = 32, progress: bool = True) -> list[CandidateScore]:
+    """Score every candidate (prompts batched in each evaluation) and mark those passing the paper's filters."""
     tokens = refusal_token_ids(model)
-    base_harmless = next_token_logprobs(model, harmless)
+
+    def logprobs(prompts):
+        return next_token_logprobs(model, prompts, batch_size)
+
+    base_harmless = logprobs(harmless)
     max_layer = int(model.n_layers * (1 - prune_last))
     scores = []
     # at the embedding the post-instruction tokens are the same for every prompt: those differences are zero
@@ -98,10 +102,10 @@ def score_candidates(model: ModelHandle, candidates: CandidateDirections, harmfu
     for position, layer in tqdm(pairs, desc="score candidates", disable=not progress):
         vector = candidates.get(position, layer).float()
         with ablate(model, vector):
-            ablated = refusal_score(next_token_logprobs(model, harmful), tokens).mean()
-            kl = kl_divergence(base_harmless, next_token_logprobs(model, harmless)).mean()
+            ablated = refusal_score(logprobs(harmful), tokens).mean()
+            kl = kl_divergence(base_harmless, logprobs(harmless)).mean()
         with add(model, vector, layer):
-            added = refusal_score(next_token_logprobs(model, harmless), tokens).mean()
+            added = refusal_score(logprobs(harmless), tokens).mean()
         kept = bool(kl <= kl_max and added > 0)
         scores.append(CandidateScore(position, layer, float(ablated), float(added), float(kl), kept))
     return scores

@@ -1,0 +1,26 @@
+import re
+
+from tests.notebook_runner import figures, run_notebook
+
+SMALL = {"MODEL": "embedded-refuser", "N_TRAIN": 24, "N_VAL": 4, "N_TEST": 3, "LAYER_STEP": 6, "MAX_NEW_TOKENS": 12}
+
+
+def printed(nb) -> str:
+    return "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []) if o.get("name") == "stdout")
+
+
+def test_refusal_direction_notebook_shows_heatmaps_and_completions():
+    nb = run_notebook("02_refusal_direction.ipynb", SMALL)
+    heatmaps = [f for f in figures(nb) if {t["type"] for t in f["data"]} == {"heatmap"}]
+    assert len(heatmaps) == 1 and len(heatmaps[0]["data"]) == 3
+    tables = [o for c in nb.cells for o in c.get("outputs", []) if "text/html" in o.get("data", {})]
+    assert any("direction ablated" in o["data"]["text/html"] for o in tables)
+
+
+def test_orthogonalize_notebook_verifies_and_reloads(tmp_path):
+    nb = run_notebook("03_orthogonalize_and_save.ipynb", SMALL | {"CHECKPOINT": str(tmp_path / "ckpt")})
+    text = printed(nb)
+    weights_vs_hooks = float(re.search(r"weights vs hooks: ([0-9.e+-]+)", text).group(1))
+    reloaded_vs_edited = float(re.search(r"reloaded vs edited: ([0-9.e+-]+)", text).group(1))
+    assert weights_vs_hooks < 1e-4 and reloaded_vs_edited < 1e-4
+    assert (tmp_path / "ckpt" / "config.json").is_file()
