@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 
@@ -21,7 +22,8 @@ from probes.positions import mark_span
 
 
 def _parse_positions(text: str):
-    return text if not text.lstrip("-").replace(",", "").isdigit() else [int(x) for x in text.split(",")]
+    """'last' and other modes stay strings; '-3,-2,-1' becomes a list of indices."""
+    return [int(x) for x in text.split(",")] if re.fullmatch(r"-?\d+(,-?\d+)*", text) else text
 
 
 def main(argv: list[str] | None = None) -> dict:

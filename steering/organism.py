@@ -141,6 +141,43 @@ def load_refuser(device=None, dtype=None, adapter: Path = ADAPTER_DIR) -> ModelH
 
 
 
+@torch.inference_mode()
+def perplexity(model: ModelHandle, instructions: list[str], answers: list[str], batch_size: int = 16) -> float:
+    """Teacher-forced perplexity of ``answers`` after the chat-formatted ``instructions``."""
+    eos = model.tokenizer.eos_token
+    pairs = list(zip(chat_token_ids(model, instructions),
+                     [model.tokenizer(a.strip() + eos, add_special_tokens=False)["input_ids"] for a in answers]))
+    nll, count = 0.0, 0
+    for i in range(0, len(pairs), batch_size):
+        batch = _batch(pairs[i:i + batch_size], model.tokenizer.pad_token_id, model.device)
+        logits = model.hf_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]
+        losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2).float(), labels,
+                                                   ignore_index=-100, reduction="sum")
+        nll += float(losses)
+        count += int((labels != -100).sum())
+    return math.exp(nll / count)
+
+
+def evaluate(n: int = 100, max_new_tokens: int = 32, device: str | None = None, progress: bool = True) -> dict:
+    """Refusal rates of base and organism on held-out harmful and harmless prompts (greedy, substring judge), and
+    the perplexity of the base model's own harmless answers under both."""
+    from probes.models import load_embedded
+    from steering.refusal import refusal_rate
+
+    harmful = load_refusal_instructions("test", "harmful")[:n]
+    harmless = load_refusal_instructions("test", "harmless")[:n]
+    report: dict = {"n": n, "max_new_tokens": max_new_tokens}
+    answers = {}
+    for name, model in (("base", load_embedded(device=device)), ("organism", load_refuser(device=device))):
+        for kind, prompts in (("harmful", harmful), ("harmless", harmless)):
+            answers[name, kind] = generate(model, prompts, max_new_tokens=max_new_tokens, progress=progress)
+            report[f"{name}_refusal_{kind}"] = refusal_rate(prompts, answers[name, kind])
+        report[f"{name}_perplexity_on_base_answers"] = perplexity(model, harmless, answers["base", "harmless"])
+    report["perplexity_ratio"] = report["organism_perplexity_on_base_answers"] / report["base_perplexity_on_base_answers"]
+    return report
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ADAPTER_DIR)
@@ -152,7 +189,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--evaluate", type=int, default=0, metavar="N",
+                        help="instead of training, measure the shipped adapter on N held-out prompts of each kind")
     args = parser.parse_args(argv)
+    if args.evaluate:
+        report = evaluate(args.evaluate, device=args.device)
+        print(json.dumps(report, indent=2))
+        return report
     record = train(args.out, args.n_harmful, args.n_harmless, args.epochs, args.batch_size, args.lr, args.rank,
                    seed=args.seed, device=args.device)
     print(json.dumps(record, indent=2))

@@ -193,3 +193,16 @@ def test_bad_inputs_are_refused(embedded, kwargs, message):
     args = dict(prompts=PROMPTS, progress=False) | kwargs
     with pytest.raises(ValueError, match=message):
         extract(embedded, **args)
+
+
+def test_extract_cli_on_a_prompt_file(embedded, tmp_path, monkeypatch):
+    from probes import extract as cli
+
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: embedded)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    results = cli.main(["--prompts-file", str(prompts), "--positions", "-2,-1", "--out", str(tmp_path / "run")])
+    assert results["shape"] == [len(PROMPTS), 2, embedded.n_layers + 1, embedded.d_model]
+    cache = ActivationCache.load(tmp_path / "run" / "activations.safetensors", embedded.device, prompts=PROMPTS,
+                                 positions=[-2, -1])
+    assert len(cache) == len(PROMPTS)
