@@ -1,7 +1,7 @@
 """Command line: extract residual-stream activations of a dataset's entities (or a prompt file) into a cache.
 
     python -m probes.extract --model embedded --dataset world_place --n 200 --out runs/demo/extract
-    python -m probes.extract --model embedded --prompts-file prompts.txt --positions -3,-2,-1 --out runs/x
+    python -m probes.extract --model embedded --prompts-file prompts.txt --positions=-3,-2,-1 --out runs/x
 
 Writes ``OUT/activations.safetensors`` (see :class:`probes.cache.ActivationCache`) and ``OUT/results.json``.
 """
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--n", type=int, default=None, help="number of entities (most popular first)")
     parser.add_argument("--positions", default=None,
                         help="last | span_last | span_mean | comma-separated negative indices "
-                             "(default: span_last for datasets, last for prompt files)")
+                             "(write --positions=-3,-2,-1; default: span_last for datasets, last for prompt files)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default=None)
     parser.add_argument("--out", type=Path, required=True)

@@ -201,7 +201,7 @@ def test_extract_cli_on_a_prompt_file(embedded, tmp_path, monkeypatch):
     monkeypatch.setattr(cli, "load_model", lambda *a, **k: embedded)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
-    results = cli.main(["--prompts-file", str(prompts), "--positions", "-2,-1", "--out", str(tmp_path / "run")])
+    results = cli.main(["--prompts-file", str(prompts), "--positions=-2,-1", "--out", str(tmp_path / "run")])
     assert results["shape"] == [len(PROMPTS), 2, embedded.n_layers + 1, embedded.d_model]
     cache = ActivationCache.load(tmp_path / "run" / "activations.safetensors", embedded.device, prompts=PROMPTS,
                                  positions=[-2, -1])
