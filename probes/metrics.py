@@ -1,84 +1,128 @@
-"""Scores for probes, computed in torch on the device of the inputs (float64)."""
+"""Scores for probes, computed in float64 torch on the device of the inputs (numpy arrays and lists go to the CPU,
+or to the device of the first tensor argument)."""
 
 from __future__ import annotations
 
 import torch
 
 EARTH_RADIUS_KM = 6371.0
+F64 = torch.float64
 
 
-def _t(x) -> torch.Tensor:
-    return x.to(torch.float64) if isinstance(x, torch.Tensor) else torch.as_tensor(x, dtype=torch.float64)
+def _f64(x, device: torch.device | None = None) -> torch.Tensor:
+    x = x if isinstance(x, torch.Tensor) else torch.as_tensor(x)
+    return x.to(device=device if device is not None else x.device, dtype=F64)
 
 
-def _pair(y_true, y_pred) -> tuple[torch.Tensor, torch.Tensor]:
-    a, b = _t(y_true), _t(y_pred)
-    b = b.to(a.device)
-    if a.shape != b.shape:
-        raise ValueError(f"y_true {tuple(a.shape)} and y_pred {tuple(b.shape)} differ in shape")
-    if a.shape[0] < 2:
-        raise ValueError("need at least 2 samples")
-    return (a.unsqueeze(1), b.unsqueeze(1)) if a.dim() == 1 else (a, b)
+def _vectors(x, y) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two 1-D float64 tensors of the same length >= 2 on x's device."""
+    a = _f64(x)
+    b = _f64(y, a.device)
+    if a.dim() != 1 or a.shape != b.shape:
+        raise ValueError(f"expected two 1-D arrays of the same length, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if len(a) < 2:
+        raise ValueError(f"need at least 2 samples, got {len(a)}")
+    return a, b
 
 
-def r2_score(y_true, y_pred) -> float:
-    """Coefficient of determination, averaged uniformly over targets (scikit-learn's ``r2_score``)."""
-    a, b = _pair(y_true, y_pred)
-    ss_res = ((a - b) ** 2).sum(0)
-    ss_tot = ((a - a.mean(0)) ** 2).sum(0)
-    return float((1 - ss_res / ss_tot.clamp(min=1e-300)).mean())
+def r2_score(y_true, y_pred) -> torch.Tensor | float:
+    """Coefficient of determination as scikit-learn's ``r2_score`` (``multioutput='uniform_average'``): with
+    several targets, the mean of the per-target R². A constant target scores 1 if predicted exactly, else 0.
+
+    y_true: [n] or [n, t]. y_pred: the same shape (returns a float), or with a leading layer axis, [L, n] or
+    [L, n, t] (returns a float64 tensor [L] on y_true's device).
+    """
+    t = _f64(y_true)
+    p = _f64(y_pred, t.device)
+    batched = p.dim() == t.dim() + 1
+    if t.dim() not in (1, 2) or (p.shape[1:] if batched else p.shape) != t.shape:
+        raise ValueError(f"y_pred {tuple(p.shape)} must be y_true's shape {tuple(t.shape)} ([n] or [n, t]), "
+                         "optionally with a leading layer axis")
+    if t.shape[0] < 2:
+        raise ValueError(f"need at least 2 samples, got {t.shape[0]}")
+    t = t.reshape(t.shape[0], -1)
+    p = p.reshape(*p.shape[: 1 + batched], -1)
+    ss_res = (t - p).square().sum(-2)  # [(L,) t]
+    ss_tot = (t - t.mean(0)).square().sum(0)  # [t]
+    exact = torch.where(ss_res == 0, 1.0, 0.0).to(F64)
+    r2 = torch.where(ss_tot > 0, 1 - ss_res / torch.where(ss_tot > 0, ss_tot, 1.0), exact).mean(-1)
+    return r2 if batched else float(r2)
 
 
 def pearson(x, y) -> float:
-    a, b = _pair(x, y)
-    a, b = a[:, 0] - a[:, 0].mean(), b[:, 0] - b[:, 0].mean()
-    return float((a @ b) / (a.norm() * b.norm()).clamp(min=1e-300))
+    """Pearson correlation of two 1-D arrays (NaN when one is constant, as scipy)."""
+    a, b = _vectors(x, y)
+    a, b = a - a.mean(), b - b.mean()
+    return float((a @ b) / (a.norm() * b.norm()))
 
 
 def _ranks(x: torch.Tensor) -> torch.Tensor:
-    """Ranks starting at 1, ties given their average rank (as scipy.stats.rankdata)."""
+    """Ranks from 1, ties given their average rank (scipy.stats.rankdata's default)."""
     order = torch.argsort(x)
-    sorted_x = x[order]
+    _, group, counts = torch.unique_consecutive(x[order], return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).to(F64)  # rank of the last member of each tie group
     ranks = torch.empty_like(x)
-    ranks[order] = torch.arange(1, len(x) + 1, dtype=x.dtype, device=x.device)
-    _, inverse, counts = torch.unique_consecutive(sorted_x, return_inverse=True, return_counts=True)
-    sums = torch.zeros(len(counts), dtype=x.dtype, device=x.device).index_add_(0, inverse, ranks[order])
-    ranks[order] = (sums / counts)[inverse]
+    ranks[order] = (ends - (counts - 1) / 2)[group]
     return ranks
 
 
 def spearman(x, y) -> float:
-    """Spearman rank correlation of two 1-D arrays."""
-    a, b = _pair(x, y)
-    return pearson(_ranks(a[:, 0]), _ranks(b[:, 0]))
+    """Spearman rank correlation of two 1-D arrays, average ranks for ties (as scipy.stats.spearmanr)."""
+    a, b = _vectors(x, y)
+    return pearson(_ranks(a), _ranks(b))
 
 
 def haversine_km(lat1, lon1, lat2, lon2) -> torch.Tensor:
-    """Great-circle distance in km between points given in degrees (broadcasting)."""
-    lat1, lon1, lat2, lon2 = (torch.deg2rad(_t(v)) for v in (lat1, lon1, lat2, lon2))
+    """Great-circle distance in km between points given in degrees (broadcasting), on a sphere of radius 6371 km.
+    Computed on the device of the first tensor argument."""
+    device = next((v.device for v in (lat1, lon1, lat2, lon2) if isinstance(v, torch.Tensor)), None)
+    lat1, lon1, lat2, lon2 = (torch.deg2rad(_f64(v, device)) for v in (lat1, lon1, lat2, lon2))
     h = torch.sin((lat2 - lat1) / 2) ** 2 + torch.cos(lat1) * torch.cos(lat2) * torch.sin((lon2 - lon1) / 2) ** 2
     return 2 * EARTH_RADIUS_KM * torch.asin(h.clamp(0, 1).sqrt())
 
 
-def proximity_error(pred, true, chunk: int = 2048) -> torch.Tensor:
-    """Per entity: the fraction of entities whose true position is closer to its true position than its prediction.
+def _unit_vectors(lat_lon: torch.Tensor) -> torch.Tensor:
+    lat, lon = torch.deg2rad(lat_lon[:, 0]), torch.deg2rad(lat_lon[:, 1])
+    return torch.stack([lat.cos() * lon.cos(), lat.cos() * lon.sin(), lat.sin()], dim=1)
 
-    Gurnee & Tegmark's error measure, robust to the spread of each dataset: 0 is perfect. Positions are
-    [n, 2] latitude/longitude (great-circle distance) or [n] / [n, 1] times (absolute difference).
+
+def proximity_error(pred, true, max_block: int = 1 << 24) -> torch.Tensor:
+    """Gurnee & Tegmark's proximity error of each entity, a float64 tensor [n] on true's device (0 is perfect).
+
+    For entity i: the fraction of the *other* n-1 entities whose true position is closer to i's true position
+    than i's prediction is (strictly closer). It measures an error relative to how crowded the neighbourhood is,
+    so datasets of different spread compare. Positions are [n, 2] latitude/longitude in degrees (great-circle
+    distance; ranked through dot products of unit vectors, which order points exactly as the haversine distance
+    does) or [n] / [n, 1] times (absolute difference). Rows are processed in blocks of ``max_block`` pairs, so no
+    n x n matrix is formed.
     """
-    p, t = _pair(true, pred)[::-1]
+    t = _f64(true)
+    p = _f64(pred, t.device)
+    if p.shape != t.shape or t.dim() not in (1, 2):
+        raise ValueError(f"pred {tuple(p.shape)} and true {tuple(t.shape)} must both be [n] or [n, 1] (times) "
+                         "or [n, 2] (latitude, longitude)")
+    n = t.shape[0]
+    if n < 2:
+        raise ValueError(f"need at least 2 entities, got {n}")
+    t, p = t.reshape(n, -1), p.reshape(n, -1)
     if t.shape[1] == 2:
-        def dist(a, b):
-            return haversine_km(a[..., 0], a[..., 1], b[..., 0], b[..., 1])
+        true_u, pred_u = _unit_vectors(t), _unit_vectors(p)
+        own = (true_u * pred_u).sum(1)  # cosine of each prediction's angular error
+
+        def closer(rows: torch.Tensor) -> torch.Tensor:
+            return true_u[rows] @ true_u.T > own[rows, None]
     elif t.shape[1] == 1:
-        def dist(a, b):
-            return (a[..., 0] - b[..., 0]).abs()
+        times, own = t[:, 0], (p[:, 0] - t[:, 0]).abs()
+
+        def closer(rows: torch.Tensor) -> torch.Tensor:
+            return (times[rows, None] - times[None, :]).abs() < own[rows, None]
     else:
         raise ValueError(f"positions must have 1 (time) or 2 (latitude, longitude) columns, got {t.shape[1]}")
-    errors = dist(p, t)  # [n]
-    out = torch.empty_like(errors)
-    for start in range(0, len(t), chunk):  # rows in chunks: never an n x n matrix
-        rows = slice(start, start + chunk)
-        between = dist(t[rows, None, :], t[None, :, :])  # [chunk, n]
-        out[rows] = (between < errors[rows, None]).double().mean(1)
-    return out
+    counts = torch.empty(n, dtype=F64, device=t.device)
+    block = max(1, max_block // n)
+    for start in range(0, n, block):
+        rows = torch.arange(start, min(start + block, n), device=t.device)
+        hits = closer(rows)
+        hits[torch.arange(len(rows), device=t.device), rows] = False  # not the entity itself
+        counts[rows] = hits.sum(1).to(F64)
+    return counts / (n - 1)

@@ -8,35 +8,75 @@ from probes.linear import DEFAULT_ALPHAS, LogisticProbe, RidgeProbe
 
 
 def planted(n, layers, d, targets, seed=0, noise=1.0):
+    """Features of uneven scale, a sparse linear signal per layer, noise, and a target offset."""
     rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, layers, d)) * rng.uniform(0.5, 3, size=d)
+    x = rng.normal(size=(n, layers, d)) * rng.uniform(0.5, 3, size=d) + rng.normal(size=d)
     w = rng.normal(size=(layers, d, targets)) * (rng.random((layers, d, 1)) < 0.3)
     y = np.einsum("nld,ldt->nt", x, w) / layers + noise * rng.normal(size=(n, targets)) + 5.0
     return x, y
 
 
-@pytest.mark.parametrize("n, d", [(400, 30), (60, 120)])  # covariance side and Gram side
-def test_ridge_matches_sklearn_ridgecv_per_layer(n, d):
-    x, y = planted(n + 200, 3, d, 2)
+@pytest.mark.parametrize("n, d, targets", [(400, 30, 2), (60, 120, 2), (150, 40, 1)])  # cov side, Gram side
+def test_ridge_matches_sklearn_ridgecv_per_layer(n, d, targets):
+    layers = 3
+    x, y = planted(n + 200, layers, d, targets)
+    y = y[:, 0] if targets == 1 else y
     xtr, ytr, xte, yte = x[:n], y[:n], x[n:], y[n:]
     probe = RidgeProbe().fit(torch.tensor(xtr), ytr)
     ours = probe.score(torch.tensor(xte), yte)
+    assert ours.shape == (layers,) and probe.alpha_.shape == (layers,)
+    assert probe.coef_.shape == ((layers, d) if targets == 1 else (layers, targets, d))
     mu, sd = ytr.mean(0), ytr.std(0)
-    for layer in range(3):
-        ref = RidgeCV(alphas=DEFAULT_ALPHAS).fit(xtr[:, layer], (ytr - mu) / sd)
-        assert probe.alpha_[layer] == pytest.approx(ref.alpha_)
-        ref_r2 = sk_r2(yte, ref.predict(xte[:, layer]) * sd + mu)
-        assert abs(float(ours[layer]) - ref_r2) < 1e-3
-        np.testing.assert_allclose(probe.coef_[layer].numpy(), ref.coef_ * sd[:, None], rtol=1e-6, atol=1e-8)
+    pred = probe.predict(torch.tensor(xte)).numpy()
+    chosen = set()
+    for layer in range(layers):
+        ref = RidgeCV(alphas=DEFAULT_ALPHAS, fit_intercept=True).fit(xtr[:, layer], (ytr - mu) / sd)
+        chosen.add(ref.alpha_)
+        assert probe.alpha_[layer] == ref.alpha_
+        ref_pred = ref.predict(xte[:, layer]) * sd + mu
+        assert abs(float(ours[layer]) - sk_r2(yte, ref_pred)) < 1e-3
+        np.testing.assert_allclose(pred[layer], ref_pred, rtol=1e-6, atol=1e-6)
+        ref_coef = ref.coef_ * (sd[:, None] if targets > 1 else sd)
+        np.testing.assert_allclose(probe.coef_[layer].numpy(), ref_coef, rtol=1e-5, atol=1e-8)
+        np.testing.assert_allclose(probe.intercept_[layer].numpy(), ref.intercept_ * sd + mu, rtol=1e-6, atol=1e-6)
+    assert probe.cv_mse_.shape == (layers, len(DEFAULT_ALPHAS))
+    assert np.all(probe.alpha_ == np.asarray(DEFAULT_ALPHAS)[probe.cv_mse_.argmin(1)])
+
+
+def test_ridge_alpha_selection_reacts_to_noise():
+    """Pure noise targets need the largest alpha; a clean signal a small one (the LOO criterion is live)."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(300, 20))
+    clean = RidgeProbe().fit(torch.tensor(x), x @ rng.normal(size=20) + 0.01 * rng.normal(size=300))
+    noise = RidgeProbe().fit(torch.tensor(x), rng.normal(size=300))
+    assert clean.alpha_ < 1.0 and noise.alpha_ > 1e3
+
+
+def test_ridge_without_intercept_matches_sklearn():
+    x, y = planted(300, 1, 15, 1, seed=4)
+    x, y = x[:, 0], y[:, 0]
+    probe = RidgeProbe(fit_intercept=False, standardize_targets=False).fit(torch.tensor(x), y)
+    ref = RidgeCV(alphas=DEFAULT_ALPHAS, fit_intercept=False).fit(x, y)
+    assert probe.alpha_ == ref.alpha_ and float(probe.intercept_) == 0.0
+    np.testing.assert_allclose(probe.coef_.numpy(), ref.coef_, rtol=1e-6, atol=1e-9)
+
+
+def test_ridge_layer_chunks_give_the_same_fit():
+    x, y = planted(200, 5, 12, 2, seed=5)
+    whole = RidgeProbe().fit(torch.tensor(x), y)
+    chunked = RidgeProbe(layer_chunk_bytes=1).fit(torch.tensor(x, dtype=torch.float32), y)  # one layer a chunk
+    np.testing.assert_array_equal(whole.alpha_, chunked.alpha_)
+    torch.testing.assert_close(whole.coef_, chunked.coef_, rtol=1e-4, atol=1e-6)  # float32 input: ~1e-7 rel
 
 
 def test_ridge_single_layer_single_target_shapes_and_float32_input():
     x, y = planted(300, 1, 20, 1)
-    probe = RidgeProbe().fit(torch.tensor(x[:, 0], dtype=torch.float32), y[:, 0])
-    assert probe.coef_.shape == (20,) and probe.intercept_.shape == ()
+    probe = RidgeProbe().fit(torch.tensor(x[:, 0], dtype=torch.float32), torch.tensor(y[:, 0]))
+    assert probe.coef_.shape == (20,) and probe.intercept_.shape == () and isinstance(probe.alpha_, float)
+    assert probe.coef_.dtype == torch.float64
     assert probe.predict(torch.tensor(x[:5, 0])).shape == (5,)
     assert probe.score(torch.tensor(x[:, 0]), y[:, 0]) > 0.5
-    assert probe.cv_mse_.shape == (1, len(DEFAULT_ALPHAS))
+    assert probe.cv_mse_.shape == (len(DEFAULT_ALPHAS),)
 
 
 def test_ridge_bad_inputs():
@@ -44,9 +84,15 @@ def test_ridge_bad_inputs():
     with pytest.raises(ValueError, match="n_samples = 10"):
         RidgeProbe().fit(x, np.zeros(9))
     with pytest.raises(ValueError, match="NaN"):
-        RidgeProbe().fit(x, np.full(10, np.nan))
+        RidgeProbe().fit(x, np.r_[np.zeros(9), np.nan])
+    bad = x.clone()
+    bad[3, 1, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        RidgeProbe().fit(bad, np.arange(10.0))
     with pytest.raises(ValueError, match="at least 2"):
         RidgeProbe().fit(x[:1], np.zeros(1))
+    with pytest.raises(ValueError, match=r"\[n_samples, d\]"):
+        RidgeProbe().fit(torch.randn(10), np.zeros(10))
     with pytest.raises(ValueError, match="positive"):
         RidgeProbe(alphas=[0.0, 1.0])
     with pytest.raises(RuntimeError, match="fit"):
@@ -54,18 +100,48 @@ def test_ridge_bad_inputs():
     probe = RidgeProbe().fit(x, np.arange(10.0))
     with pytest.raises(ValueError, match="width"):
         probe.predict(torch.randn(3, 2, 5))
+    with pytest.raises(ValueError, match="layer"):
+        probe.predict(torch.randn(3, 3, 4))
 
 
 def test_logistic_matches_sklearn():
     rng = np.random.default_rng(1)
-    x = rng.normal(size=(300, 2, 8))
-    y = (x[:, 0, 0] + 0.5 * x[:, 0, 1] + 0.5 * rng.normal(size=300) > 0).astype(int)
-    probe = LogisticProbe(C=0.5).fit(torch.tensor(x), y)
-    for layer in range(2):
-        ref = LogisticRegression(C=0.5, tol=1e-10, max_iter=1000).fit(x[:, layer], y)
-        np.testing.assert_allclose(probe.coef_[layer].numpy(), ref.coef_[0], atol=1e-5)
-        np.testing.assert_allclose(probe.predict_proba(torch.tensor(x))[layer].numpy(),
-                                   ref.predict_proba(x[:, layer])[:, 1], atol=1e-6)
-        assert float(probe.score(torch.tensor(x), y)[layer]) == pytest.approx(ref.score(x[:, layer], y))
+    x = rng.normal(size=(300, 2, 8)) * rng.uniform(0.5, 4, size=8) + 1.0
+    y = (x[:, 0, 0] + 0.5 * x[:, 0, 1] - 1.5 + 0.5 * rng.normal(size=300) > 0).astype(int)
+    for C in (0.05, 10.0):
+        probe = LogisticProbe(C=C).fit(torch.tensor(x), y)
+        proba = probe.predict_proba(torch.tensor(x))
+        assert proba.shape == (2, 300, 2) and probe.coef_.shape == (2, 8) and probe.intercept_.shape == (2,)
+        for layer in range(2):
+            ref = LogisticRegression(C=C, tol=1e-10, max_iter=10_000).fit(x[:, layer], y)
+            np.testing.assert_allclose(probe.coef_[layer].numpy(), ref.coef_[0], rtol=1e-4, atol=1e-5)
+            assert float(probe.intercept_[layer]) == pytest.approx(ref.intercept_[0], abs=1e-4)
+            np.testing.assert_allclose(proba[layer].numpy(), ref.predict_proba(x[:, layer]), atol=1e-6)
+            assert float(probe.score(torch.tensor(x), y)[layer]) == pytest.approx(ref.score(x[:, layer], y))
+    assert probe.score(torch.tensor(x), y)[0] > 0.8 > probe.score(torch.tensor(x), y)[1]
+
+
+def test_logistic_separable_data_converges_and_single_layer_shapes():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(200, 5))
+    y = (x[:, 0] > 0).astype(int)  # separable: only the penalty keeps w finite
+    probe = LogisticProbe(C=100.0).fit(torch.tensor(x, dtype=torch.float32), y)
+    ref = LogisticRegression(C=100.0, tol=1e-10, max_iter=100_000).fit(x, y)
+    assert probe.coef_.shape == (5,) and probe.intercept_.shape == () and probe.n_iter_ < 100
+    np.testing.assert_allclose(probe.coef_.numpy(), ref.coef_[0], rtol=1e-3, atol=1e-3)
+    assert probe.score(torch.tensor(x), y) == 1.0
+    assert probe.predict(torch.tensor(x[:4])).tolist() == y[:4].tolist()
+
+
+def test_logistic_bad_inputs():
+    x = torch.randn(20, 3)
     with pytest.raises(ValueError, match="0 and 1"):
-        LogisticProbe().fit(torch.tensor(x), np.full(300, 2))
+        LogisticProbe().fit(x, np.full(20, 2))
+    with pytest.raises(ValueError, match="both"):
+        LogisticProbe().fit(x, np.ones(20))
+    with pytest.raises(ValueError, match="n_samples = 20"):
+        LogisticProbe().fit(x, np.r_[np.zeros(10), np.ones(11)])
+    with pytest.raises(ValueError, match="positive"):
+        LogisticProbe(C=0)
+    with pytest.raises(RuntimeError, match="fit"):
+        LogisticProbe().predict(x)
