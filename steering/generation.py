@@ -54,7 +54,7 @@ def next_token_logits(model: ModelHandle, instructions: Sequence[str], batch_siz
         input_ids, mask = left_pad(model, ids[start:start + batch_size])
         position_ids = (mask.cumsum(1) - 1).clamp(min=0)
         rows.append(model.hf_model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                                   use_cache=False).logits[:, -1].float())
+                                   use_cache=False, logits_to_keep=1).logits[:, -1].float())
     return torch.cat(rows)
 
 
