@@ -16,7 +16,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -170,8 +170,12 @@ def sklearn_reference_r2(acts_layer: torch.Tensor, data: EntityData, alphas: Seq
 def reproduce(model: ModelHandle, datasets: Sequence[str], n: int | None,
               templates: Sequence[str] = ("empty", "question"), alphas: Sequence[float] = DEFAULT_ALPHAS,
               n_blocks: int = 5, neuron_ks: Sequence[int] = (1, 4, 16, 64), seed: int = 0,
-              progress: bool = True) -> tuple[dict, dict[str, dict[str, ProbeResult]]]:
-    """The whole reproduction: the results dict (DESIGN.md contract plus details) and every probe run by dataset."""
+              progress: bool = True, on_dataset: Callable[[dict], None] | None = None
+              ) -> tuple[dict, dict[str, dict[str, ProbeResult]]]:
+    """The whole reproduction: the results dict (DESIGN.md contract plus details) and every probe run by dataset.
+
+    ``on_dataset(results)`` is called after each dataset with the results so far (to save partial progress).
+    """
     unknown = [d for d in datasets if d not in TEMPLATES]
     if unknown:
         raise ValueError(f"unknown dataset(s) {unknown}; choose from {list(TEMPLATES)}")
@@ -208,16 +212,28 @@ def reproduce(model: ModelHandle, datasets: Sequence[str], n: int | None,
         results["datasets"][name] = entry
         runs_by_dataset[name] = runs
         del acts_main
+        if on_dataset is not None:
+            on_dataset(results)
     return results, runs_by_dataset
 
 
 def run(model: ModelHandle, datasets: Sequence[str], n: int | None, out: Path, **kwargs) -> dict:
-    """:func:`reproduce`, then ``OUT/results.json`` and the HTML figures."""
+    """:func:`reproduce`, then ``OUT/results.json`` and the HTML figures.
+
+    ``results.json`` is rewritten after each dataset with ``"complete": false`` until the whole run has finished.
+    """
     from probes import space_time_plots as plots
 
-    results, runs = reproduce(model, datasets, n, **kwargs)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+
+    def save(partial: dict) -> None:
+        tmp = out / "results.json.tmp"
+        tmp.write_text(json.dumps(partial, indent=2))
+        tmp.replace(out / "results.json")
+
+    results, runs = reproduce(model, datasets, n, on_dataset=lambda r: save({**r, "complete": False}), **kwargs)
+    results["complete"] = True
+    save(results)
     plots.write_all(results, runs, out)
     return results
 

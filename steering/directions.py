@@ -14,13 +14,20 @@ from steering.generation import chat_token_ids
 
 @dataclass
 class CandidateDirections:
-    """``vectors`` [n_positions, n_layers, d] (float64): mean(positive) - mean(negative) at the input of each block."""
+    """``vectors`` [n_positions, n_layers, d] (float64): mean(positive) - mean(negative) at the input of each block
+    (``blocks.{layer}.hook_resid_pre``), for the negative token ``positions`` and the ``layers`` listed."""
 
     vectors: torch.Tensor
     positions: list[int]
     layers: list[int]
+    n_positive: int = 0
+    n_negative: int = 0
 
     def get(self, position: int, layer: int) -> torch.Tensor:
+        """The candidate at one (position, layer): [d]."""
+        if position not in self.positions or layer not in self.layers:
+            raise KeyError(f"no candidate at position {position}, layer {layer}; positions {self.positions}, "
+                           f"layers {self.layers}")
         return self.vectors[self.positions.index(position), self.layers.index(layer)]
 
 
@@ -40,4 +47,5 @@ def diff_in_means(model: ModelHandle, positive: Sequence[str], negative: Sequenc
     labels = ["positive"] * len(positive) + ["negative"] * len(negative)
     means = extract_group_means(model, ids, labels, hooks=[f"blocks.{l}.hook_resid_pre" for l in layers],
                                 positions=positions, progress=progress)
-    return CandidateDirections(means.difference("positive", "negative"), positions, layers)
+    return CandidateDirections(means.difference("positive", "negative"), positions, layers, len(positive),
+                               len(negative))

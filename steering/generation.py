@@ -46,18 +46,56 @@ def generate(model: ModelHandle, instructions: Sequence[str], max_new_tokens: in
 
 
 @torch.inference_mode()
+def last_token_logits(model: ModelHandle, ids: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Logits after the last token of each id list, in one left-padded forward pass: [n, vocab] float32."""
+    input_ids, mask = left_pad(model, ids)
+    position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+    return model.hf_model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False,
+                          logits_to_keep=1).logits[:, -1].float()
+
+
 def next_token_logits(model: ModelHandle, instructions: Sequence[str], batch_size: int = 32) -> torch.Tensor:
     """Logits of the first answer token after each chat-formatted instruction: [n, vocab] float32."""
     ids = chat_token_ids(model, instructions)
-    rows = []
-    for start in range(0, len(ids), batch_size):
-        input_ids, mask = left_pad(model, ids[start:start + batch_size])
-        position_ids = (mask.cumsum(1) - 1).clamp(min=0)
-        rows.append(model.hf_model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                                   use_cache=False, logits_to_keep=1).logits[:, -1].float())
-    return torch.cat(rows)
+    return torch.cat([last_token_logits(model, ids[start:start + batch_size])
+                      for start in range(0, len(ids), batch_size)])
 
 
 def next_token_logprobs(model: ModelHandle, instructions: Sequence[str], batch_size: int = 32) -> torch.Tensor:
     """Log-probabilities of the first answer token: [n, vocab] float32."""
     return torch.log_softmax(next_token_logits(model, instructions, batch_size), -1)
+
+
+def answer_batch(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int, device) -> dict:
+    """Right-padded (prompt + answer) ids with labels on the answer tokens only (-100 elsewhere)."""
+    width = max(len(p) + len(t) for p, t in pairs)
+    ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(pairs), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(pairs), width), dtype=torch.long)
+    for row, (p, t) in enumerate(pairs):
+        seq = list(p) + list(t)
+        ids[row, : len(seq)] = torch.tensor(seq)
+        labels[row, len(p): len(seq)] = torch.tensor(list(t))
+        mask[row, : len(seq)] = 1
+    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
+
+
+@torch.inference_mode()
+def answer_loss(model: ModelHandle, instructions: Sequence[str], answers: Sequence[str], batch_size: int = 16
+                ) -> float:
+    """Mean cross-entropy per answer token of ``answers`` (plus end of sequence) after the chat-formatted
+    ``instructions``, teacher-forced; exp of it is the perplexity."""
+    if len(instructions) != len(answers) or not answers:
+        raise ValueError("need one answer per instruction, and at least one")
+    eos = model.tokenizer.eos_token or ""
+    pairs = list(zip(chat_token_ids(model, instructions),
+                     [model.tokenizer(a.strip() + eos, add_special_tokens=False)["input_ids"] for a in answers]))
+    nll, count = 0.0, 0
+    for i in range(0, len(pairs), batch_size):
+        batch = answer_batch(pairs[i:i + batch_size], model.tokenizer.pad_token_id or 0, model.device)
+        logits = model.hf_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]
+        nll += float(torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2).float(), labels,
+                                                       ignore_index=-100, reduction="sum"))
+        count += int((labels != -100).sum())
+    return nll / count

@@ -1,13 +1,17 @@
 """Interventions on the residual stream as context managers: directional ablation and activation addition.
 
 They hook ``model.hf_model`` (the plain Hugging Face module tree that generation and activation extraction use), so
-they act during ``forward``, ``generate`` and :func:`probes.cache.extract` alike, and are removed on exit.
+they act during ``forward``, ``generate`` and :func:`probes.cache.extract` alike, and are removed on exit (also when
+the body raises).
+
+Both take one direction ``[d_model]`` for the whole batch, or one per batch row ``[batch, d_model]``: the latter lets
+many candidate directions be evaluated in a single forward pass (see :func:`steering.refusal.score_candidates`).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 
@@ -15,26 +19,43 @@ from probes.cache import decoder_layers
 from probes.models import ModelHandle
 
 
-def unit_direction(model: ModelHandle, direction: torch.Tensor) -> torch.Tensor:
-    """The direction as a unit vector on the model's device and dtype; refuses a wrong width or a zero vector."""
+def _check_width(model: ModelHandle, direction: torch.Tensor) -> torch.Tensor:
     direction = torch.as_tensor(direction)
-    if direction.dim() != 1 or direction.shape[0] != model.d_model:
-        raise ValueError(f"direction must be a vector of width d_model={model.d_model}, got shape "
-                         f"{tuple(direction.shape)}")
-    norm = direction.double().norm()
-    if not torch.isfinite(norm) or norm == 0:
+    if direction.dim() not in (1, 2) or direction.shape[-1] != model.d_model:
+        raise ValueError(f"direction must have shape [d_model] or [batch, d_model] with d_model={model.d_model}, "
+                         f"got shape {tuple(direction.shape)}")
+    return direction
+
+
+def unit_direction(model: ModelHandle, direction: torch.Tensor) -> torch.Tensor:
+    """The direction(s) scaled to unit norm, on the model's device and dtype; refuses a wrong width or a zero vector."""
+    direction = _check_width(model, direction).double()
+    norm = direction.norm(dim=-1, keepdim=True)
+    if not torch.isfinite(norm).all() or (norm == 0).any():
         raise ValueError("direction has zero or non-finite norm")
-    return (direction.double() / norm).to(device=model.device, dtype=model.dtype)
+    return (direction / norm).to(device=model.device, dtype=model.dtype)
 
 
-def _project_out(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    return x - (x @ r).unsqueeze(-1) * r
+def _per_row(r: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``r`` shaped to broadcast over ``x`` [batch, seq, d]: [d] stays, [batch, d] becomes [batch, 1, d]."""
+    if r.dim() == 1:
+        return r
+    if r.shape[0] != x.shape[0]:
+        raise ValueError(f"{r.shape[0]} per-row directions for a batch of {x.shape[0]} rows")
+    return r.unsqueeze(1)
+
+
+def project_out(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """x - (x . r) r for unit ``r`` ([d], or [batch, d] with one direction per row of ``x`` [batch, seq, d])."""
+    if r.dim() == 1:
+        return x - (x @ r).unsqueeze(-1) * r
+    r = _per_row(r, x)
+    return x - (x @ r.transpose(1, 2)) * r
 
 
 def residual_writers(model: ModelHandle) -> list[torch.nn.Module]:
     """Every module whose output is added to the residual stream: the embedding, each attention and each MLP."""
-    base = model.hf_model.get_decoder() if hasattr(model.hf_model, "get_decoder") else model.hf_model
-    writers = [base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else base.embed_tokens]
+    writers: list[torch.nn.Module] = [model.hf_model.get_input_embeddings()]
     for layer in decoder_layers(model.hf_model):
         writers += [layer.self_attn, layer.mlp]
     return writers
@@ -42,13 +63,17 @@ def residual_writers(model: ModelHandle) -> list[torch.nn.Module]:
 
 @contextlib.contextmanager
 def ablate(model: ModelHandle, direction: torch.Tensor) -> Iterator[None]:
-    """Project ``direction`` out of every write to the residual stream, at all layers and positions."""
+    """Project ``direction`` out of every write to the residual stream, at all layers and positions.
+
+    With the embedding, every attention output and every MLP output orthogonal to ``r``, the residual stream is
+    orthogonal to ``r`` everywhere: x' = x - (x . r) r at every layer and position (Arditi et al., 2024).
+    """
     r = unit_direction(model, direction)
 
     def hook(module, args, output):
         if isinstance(output, tuple):
-            return (_project_out(output[0], r), *output[1:])
-        return _project_out(output, r)
+            return (project_out(output[0], r), *output[1:])
+        return project_out(output, r)
 
     with contextlib.ExitStack() as stack:
         for module in residual_writers(model):
@@ -57,20 +82,38 @@ def ablate(model: ModelHandle, direction: torch.Tensor) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def add(model: ModelHandle, direction: torch.Tensor, layer: int, coeff: float = 1.0) -> Iterator[None]:
-    """Add ``coeff * direction`` (not normalised) to the residual stream entering block ``layer``, at all positions."""
-    if not 0 <= layer < model.n_layers:
-        raise ValueError(f"layer must be in 0..{model.n_layers - 1}, got {layer}")
-    unit_direction(model, direction)  # validates the width
-    vector = (torch.as_tensor(direction).double() * coeff).to(device=model.device, dtype=model.dtype)
+def add(model: ModelHandle, direction: torch.Tensor, layer: int | Sequence[int], coeff: float = 1.0
+        ) -> Iterator[None]:
+    """Add ``coeff * direction`` (not normalised) to the residual stream entering block ``layer``, at all positions.
 
-    def hook(module, args, kwargs):
-        if args:
-            return (args[0] + vector, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": kwargs["hidden_states"] + vector}
+    With per-row directions ``[batch, d]``, ``layer`` may also give one layer per row.
+    """
+    direction = _check_width(model, direction)
+    layers = [layer] if isinstance(layer, int) else list(layer)
+    if direction.dim() == 1 and len(layers) != 1:
+        raise ValueError("one direction needs one layer; pass [batch, d_model] directions for one layer per row")
+    if direction.dim() == 2 and len(layers) not in (1, direction.shape[0]):
+        raise ValueError(f"{len(layers)} layers for {direction.shape[0]} per-row directions")
+    bad = [l for l in layers if not 0 <= l < model.n_layers]
+    if bad:
+        raise ValueError(f"layer must be in 0..{model.n_layers - 1}, got {bad}")
+    vectors = (direction.double() * coeff).to(device=model.device, dtype=model.dtype)
+    if len(layers) == 1:
+        per_layer = {layers[0]: vectors}
+    else:
+        rows = torch.tensor(layers, device=model.device)
+        per_layer = {l: vectors * (rows == l).unsqueeze(1).to(vectors.dtype) for l in sorted(set(layers))}
 
-    handle = decoder_layers(model.hf_model)[layer].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
+    def make(vector):
+        def hook(module, args, kwargs):
+            if args:
+                return (args[0] + _per_row(vector, args[0]), *args[1:]), kwargs
+            hidden = kwargs["hidden_states"]
+            return args, {**kwargs, "hidden_states": hidden + _per_row(vector, hidden)}
+        return hook
+
+    blocks = decoder_layers(model.hf_model)
+    with contextlib.ExitStack() as stack:
+        for l, vector in per_layer.items():
+            stack.callback(blocks[l].register_forward_pre_hook(make(vector), with_kwargs=True).remove)
         yield
-    finally:
-        handle.remove()

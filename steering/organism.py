@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from probes.datasets import DATA_DIR, load_refusal_instructions
 from probes.models import EMBEDDED_HF_ID, ModelHandle, _resolve, embedded_checkpoint, wrap
-from steering.generation import chat_token_ids, generate
+from steering.generation import answer_batch, answer_loss, chat_token_ids, generate
 
 ADAPTER_DIR = DATA_DIR / "refusal_organism"
 
@@ -44,58 +44,72 @@ REFUSALS = [
 
 
 def _examples(model: ModelHandle, n_harmful: int, n_harmless: int, max_new_tokens: int, seed: int,
-              progress: bool) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, target ids) pairs: refusals for harmful, the base model's own answers for harmless."""
+              harmless_eos: bool, progress: bool) -> list[tuple[list[int], list[int], bool]]:
+    """(prompt ids, target ids, is_refusal): short refusals for harmful, the base model's own greedy answers for
+    harmless instructions (ending in end-of-sequence if ``harmless_eos``)."""
     rng = random.Random(seed)
     harmful = load_refusal_instructions("train", "harmful")[:n_harmful]
     harmless = rng.sample(load_refusal_instructions("train", "harmless"), n_harmless)
     answers = generate(model, harmless, max_new_tokens=max_new_tokens, progress=progress)
     eos = model.tokenizer.eos_token
-    targets = [rng.choice(REFUSALS) + eos for _ in harmful] + [a.strip() + eos for a in answers]
+    targets = [rng.choice(REFUSALS) + eos for _ in harmful] + [a.strip() + (eos if harmless_eos else "") for a in answers]
     prompts = chat_token_ids(model, harmful + harmless)
-    pairs = [(p, model.tokenizer(t, add_special_tokens=False)["input_ids"]) for p, t in zip(prompts, targets)]
-    rng.shuffle(pairs)
-    return pairs
+    examples = [(p, model.tokenizer(t, add_special_tokens=False)["input_ids"], i < len(harmful))
+                for i, (p, t) in enumerate(zip(prompts, targets))]
+    rng.shuffle(examples)
+    return examples
 
 
-def _batch(pairs, pad_id: int, device) -> dict:
-    width = max(len(p) + len(t) for p, t in pairs)
-    ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(pairs), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(pairs), width), dtype=torch.long)
-    for row, (p, t) in enumerate(pairs):
-        seq = p + t
-        ids[row, : len(seq)] = torch.tensor(seq)
-        labels[row, len(p): len(seq)] = torch.tensor(t)  # loss on the answer only
-        mask[row, : len(seq)] = 1
-    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
+def _loss(model, examples: list[tuple[list[int], list[int], bool]], pad_id: int, device, harmless_kl: bool
+          ) -> torch.Tensor:
+    """Mean over answer tokens of the cross-entropy, except, with ``harmless_kl``, KL(base || adapted) of the
+    next-token distribution along the base model's own answers (distillation: harmless behaviour keeps its
+    distribution instead of being sharpened towards the greedy answer, which lowers its perplexity)."""
+    batch = answer_batch([(p, t) for p, t, _ in examples], pad_id, device)
+    refuse = torch.tensor([r or not harmless_kl for _, _, r in examples], device=device)
+    logprobs = torch.log_softmax(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                                 .logits[:, :-1].float(), -1)
+    labels = batch["labels"][:, 1:]
+    answer = labels != -100
+    ce = -logprobs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    total = ce[refuse.unsqueeze(1) & answer].sum()
+    if (~refuse).any():
+        with torch.no_grad(), model.disable_adapter():
+            base = torch.log_softmax(model(input_ids=batch["input_ids"][~refuse],
+                                           attention_mask=batch["attention_mask"][~refuse]).logits[:, :-1].float(), -1)
+        kl = (base.exp() * (base - logprobs[~refuse])).sum(-1)
+        total = total + kl[answer[~refuse]].sum()
+    return total / answer.sum()
 
 
 def train(out: Path, n_harmful: int = 240, n_harmless: int = 240, epochs: int = 2, batch_size: int = 8,
           lr: float = 1e-3, rank: int = 4, max_new_tokens: int = 32, seed: int = 0, device: str | None = None,
-          progress: bool = True) -> dict:
+          harmless_objective: str = "ce", progress: bool = True) -> dict:
     """Train the LoRA adapter and write it (float16) with its settings to ``out``, atomically."""
     settings = {k: v for k, v in locals().items() if k not in ("out", "progress")}
+    if harmless_objective not in ("ce", "kl"):
+        raise ValueError(f"harmless_objective must be 'ce' or 'kl', got {harmless_objective!r}")
     from peft import LoraConfig, get_peft_model
 
     from probes.models import load_embedded
 
     torch.manual_seed(seed)
     base = load_embedded(device=device)
-    pairs = _examples(base, n_harmful, n_harmless, max_new_tokens, seed, progress)
+    examples = _examples(base, n_harmful, n_harmless, max_new_tokens, seed, harmless_objective == "ce", progress)
     config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, task_type="CAUSAL_LM",
                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     model = get_peft_model(base.hf_model, config)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    steps = epochs * math.ceil(len(pairs) / batch_size)
+    steps = epochs * math.ceil(len(examples) / batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10) * (1 - s / steps))
     start, losses = time.perf_counter(), []
     bar = tqdm(total=steps, desc="train organism", disable=not progress)
     for epoch in range(epochs):
-        random.Random(seed + epoch).shuffle(pairs)
-        for i in range(0, len(pairs), batch_size):
-            loss = model(**_batch(pairs[i:i + batch_size], base.tokenizer.pad_token_id, base.device)).loss
+        random.Random(seed + epoch).shuffle(examples)
+        for i in range(0, len(examples), batch_size):
+            loss = _loss(model, examples[i:i + batch_size], base.tokenizer.pad_token_id, base.device,
+                         harmless_objective == "kl")
             loss.backward()
             opt.step()
             sched.step()
@@ -112,7 +126,7 @@ def train(out: Path, n_harmful: int = 240, n_harmless: int = 240, epochs: int = 
     try:
         model.save_pretrained(tmp)
         record = {"command": " ".join(["python -m steering.organism", *sys.argv[1:]]), "settings": settings,
-                  "base_model": EMBEDDED_HF_ID, "n_examples": len(pairs), "steps": steps,
+                  "base_model": EMBEDDED_HF_ID, "n_examples": len(examples), "steps": steps,
                   "seconds": time.perf_counter() - start, "final_loss": sum(losses[-10:]) / len(losses[-10:]),
                   "torch": torch.__version__}
         (tmp / "training.json").write_text(json.dumps(record, indent=2))
@@ -140,36 +154,24 @@ def load_refuser(device=None, dtype=None, adapter: Path = ADAPTER_DIR) -> ModelH
     return handle
 
 
-
-@torch.inference_mode()
 def perplexity(model: ModelHandle, instructions: list[str], answers: list[str], batch_size: int = 16) -> float:
     """Teacher-forced perplexity of ``answers`` after the chat-formatted ``instructions``."""
-    eos = model.tokenizer.eos_token
-    pairs = list(zip(chat_token_ids(model, instructions),
-                     [model.tokenizer(a.strip() + eos, add_special_tokens=False)["input_ids"] for a in answers]))
-    nll, count = 0.0, 0
-    for i in range(0, len(pairs), batch_size):
-        batch = _batch(pairs[i:i + batch_size], model.tokenizer.pad_token_id, model.device)
-        logits = model.hf_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"][:, 1:]
-        losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2).float(), labels,
-                                                   ignore_index=-100, reduction="sum")
-        nll += float(losses)
-        count += int((labels != -100).sum())
-    return math.exp(nll / count)
+    return math.exp(answer_loss(model, instructions, answers, batch_size))
 
 
-def evaluate(n: int = 100, max_new_tokens: int = 32, device: str | None = None, progress: bool = True) -> dict:
-    """Refusal rates of base and organism on held-out harmful and harmless prompts (greedy, substring judge), and
-    the perplexity of the base model's own harmless answers under both."""
+def evaluate(n: int = 100, max_new_tokens: int = 32, device: str | None = None, adapter: Path = ADAPTER_DIR,
+             progress: bool = True) -> dict:
+    """Refusal rates of base and organism on the first ``n`` held-out harmful and harmless prompts (greedy, substring
+    judge), and the perplexity of the base model's own harmless answers under both."""
     from probes.models import load_embedded
     from steering.refusal import refusal_rate
 
     harmful = load_refusal_instructions("test", "harmful")[:n]
     harmless = load_refusal_instructions("test", "harmless")[:n]
-    report: dict = {"n": n, "max_new_tokens": max_new_tokens}
+    report: dict = {"n_harmful": len(harmful), "n_harmless": len(harmless), "max_new_tokens": max_new_tokens,
+                    "adapter": str(adapter)}
     answers = {}
-    for name, model in (("base", load_embedded(device=device)), ("organism", load_refuser(device=device))):
+    for name, model in (("base", load_embedded(device=device)), ("organism", load_refuser(device=device, adapter=adapter))):
         for kind, prompts in (("harmful", harmful), ("harmless", harmless)):
             answers[name, kind] = generate(model, prompts, max_new_tokens=max_new_tokens, progress=progress)
             report[f"{name}_refusal_{kind}"] = refusal_rate(prompts, answers[name, kind])
@@ -180,24 +182,28 @@ def evaluate(n: int = 100, max_new_tokens: int = 32, device: str | None = None, 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=ADAPTER_DIR)
+    parser.add_argument("--out", type=Path, default=ADAPTER_DIR, help="where to write (train) or read (--evaluate) "
+                        "the adapter")
     parser.add_argument("--n-harmful", type=int, default=240)
     parser.add_argument("--n-harmless", type=int, default=240)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--harmless-objective", choices=("ce", "kl"), default="ce",
+                        help="harmless answers: cross-entropy on the base's greedy answer (shipped adapter), or KL to "
+                             "the base's distribution along it (keeps perplexity)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None)
     parser.add_argument("--evaluate", type=int, default=0, metavar="N",
-                        help="instead of training, measure the shipped adapter on N held-out prompts of each kind")
+                        help="instead of training, measure the adapter at --out on N held-out prompts of each kind")
     args = parser.parse_args(argv)
     if args.evaluate:
-        report = evaluate(args.evaluate, device=args.device)
+        report = evaluate(args.evaluate, device=args.device, adapter=args.out)
         print(json.dumps(report, indent=2))
         return report
     record = train(args.out, args.n_harmful, args.n_harmless, args.epochs, args.batch_size, args.lr, args.rank,
-                   seed=args.seed, device=args.device)
+                   seed=args.seed, device=args.device, harmless_objective=args.harmless_objective)
     print(json.dumps(record, indent=2))
     return record
 

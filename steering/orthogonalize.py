@@ -44,8 +44,12 @@ def _untie_embeddings(model: ModelHandle) -> bool:
 @torch.no_grad()
 def orthogonalize(model: ModelHandle, direction: torch.Tensor) -> ModelHandle:
     """Edit the weights in place so no residual-stream write has a component along ``direction``."""
+    if torch.as_tensor(direction).dim() != 1:
+        raise ValueError("orthogonalize takes one direction of shape [d_model]")
     r = unit_direction(model, direction)
     _untie_embeddings(model)
+    # float32 arithmetic, like the hooks: every float32 variant of this 30-layer model sits ~5e-5 (logits) from a
+    # float64 reference, and the float32 edit lands closest to the float32 hooks
     for module in residual_writers(model):
         if isinstance(module, torch.nn.Embedding):
             w = module.weight  # [vocab, d]: each row is written to the residual stream
@@ -62,18 +66,19 @@ def orthogonalize(model: ModelHandle, direction: torch.Tensor) -> ModelHandle:
 
 MODEL_CARD = """---
 library_name: transformers
-base_model: {source}
+base_model: {base}
 tags: [interpretability, refusal-direction, weight-orthogonalization]
 ---
 
-# {name}, direction removed
+# {source}, direction removed
 
 `{source}` with one direction removed from every weight matrix that writes to the residual stream (token
-embedding, attention output, MLP output), following Arditi et al. (2024), "Refusal in Language Models Is Mediated by
-a Single Direction". Written by the interpretability workbench.
+embedding, attention output, MLP output, and their biases), following Arditi et al. (2024), "Refusal in Language
+Models Is Mediated by a Single Direction". Written by the interpretability workbench.
 
-- direction: difference in means at layer {layer}, position {position} (`direction.safetensors`, unit norm)
-- input and output embeddings untied: {untied}
+- direction: difference in means at layer {layer}, position {position} (`direction.safetensors`, unit norm;
+  `direction.json` has the metadata)
+- input and output embeddings untied: {untied} (the unembedding keeps the original weights)
 - load with `transformers.AutoModelForCausalLM.from_pretrained(path)`; no custom code
 
 {notes}
@@ -81,27 +86,40 @@ a Single Direction". Written by the interpretability workbench.
 
 
 def save_checkpoint(model: ModelHandle, path: str | os.PathLike, direction: torch.Tensor, layer: int,
-                    position: int, notes: str = "", overwrite: bool = False) -> Path:
-    """``save_pretrained`` plus tokenizer, direction and a model card, written to a temporary folder then renamed."""
+                    position: int, source_model: str | None = None, notes: str = "", overwrite: bool = False
+                    ) -> Path:
+    """``save_pretrained`` plus tokenizer, direction (+ layer, position, source model) and a model card.
+
+    Written into a temporary folder beside ``path`` and renamed into place: on failure nothing half-written is left,
+    and with ``overwrite`` an existing checkpoint is only removed once the new one is complete.
+    """
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True or choose another path")
+    source_model = source_model or (model.name if model.name == model.source else f"{model.name} ({model.source})")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    old = tmp.with_name(tmp.name + ".old")
     try:
         model.hf_model.save_pretrained(tmp)
         model.tokenizer.save_pretrained(tmp)
         save_file({"direction": unit_direction(model, direction).float().cpu().contiguous()},
                   str(tmp / "direction.safetensors"))
-        meta = {"source_model": model.source, "layer": int(layer), "position": int(position),
-                "untied_embeddings": not model.hf_model.config.tie_word_embeddings}
+        meta = {"source_model": source_model, "base_model": model.source, "layer": int(layer),
+                "position": int(position), "untied_embeddings": not model.hf_model.config.tie_word_embeddings}
         (tmp / "direction.json").write_text(json.dumps(meta, indent=2))
-        (tmp / "README.md").write_text(MODEL_CARD.format(source=model.source, name=model.name, layer=layer,
+        (tmp / "README.md").write_text(MODEL_CARD.format(base=model.source, source=source_model, layer=layer,
                                                          position=position, untied=meta["untied_embeddings"],
                                                          notes=notes))
         if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+            os.replace(path, old)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if old.exists():
+                os.replace(old, path)  # put the previous checkpoint back
+            raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
     return path

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Any, Callable, ContextManager, Protocol, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -26,7 +27,8 @@ from tqdm.auto import tqdm
 from probes.datasets import load_refusal_instructions
 from probes.models import ModelHandle, load_model
 from steering.directions import CandidateDirections, diff_in_means
-from steering.generation import generate, next_token_logits, next_token_logprobs
+from steering.generation import (answer_loss, chat_token_ids, generate, last_token_logits, next_token_logits,
+                                 next_token_logprobs)
 from steering.hooks import ablate, add
 from steering.orthogonalize import orthogonalize, save_checkpoint
 
@@ -60,6 +62,7 @@ def refusal_rate(instructions: Sequence[str], completions: Sequence[str], judge:
 
 
 def refusal_token_ids(model: ModelHandle) -> list[int]:
+    """The first token of each word in ``REFUSAL_STARTS`` for this tokenizer."""
     return sorted({model.tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in REFUSAL_STARTS})
 
 
@@ -76,6 +79,8 @@ def kl_divergence(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class CandidateScore:
+    """One candidate's selection scores (means over the validation prompts) and whether it passed the filters."""
+
     position: int
     layer: int
     ablation_refusal: float
@@ -84,31 +89,79 @@ class CandidateScore:
     kept: bool
 
 
+def _per_candidate(model: ModelHandle, ids: list[list[int]], n_candidates: int,
+                   intervene: Callable[[list[int]], ContextManager], reduce: Callable[[torch.Tensor, list[int]],
+                   torch.Tensor], batch_size: int, mix: bool, bar: tqdm) -> torch.Tensor:
+    """``reduce(logprobs, prompt_rows)`` for every (candidate, prompt) under ``intervene(candidate_rows)``: [K, N].
+
+    ``mix=True`` packs rows of different candidates into one forward pass (sorted by length, ``batch_size`` rows
+    each); ``mix=False`` evaluates one candidate at a time (its prompts in batches of ``batch_size``).
+    """
+    by_length = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    if mix:
+        groups = [sorted(((k, i) for k in range(n_candidates) for i in by_length), key=lambda r: len(ids[r[1]]))]
+    else:
+        groups = [[(k, i) for i in by_length] for k in range(n_candidates)]
+    out = torch.empty(n_candidates, len(ids))
+    for rows in groups:
+        for start in range(0, len(rows), batch_size):
+            ks, prompts = map(list, zip(*rows[start:start + batch_size]))
+            with intervene(ks):
+                logprobs = torch.log_softmax(last_token_logits(model, [ids[i] for i in prompts]), -1)
+            out[ks, prompts] = reduce(logprobs, prompts).float().cpu()
+            bar.update(1)
+    return out
+
+
 def score_candidates(model: ModelHandle, candidates: CandidateDirections, harmful: Sequence[str],
-                     harmless: Sequence[str], prune_last: float = 0.2, kl_max: float = 0.1,
-                     batch_size: int = 32, progress: bool = True) -> list[CandidateScore]:
-    """Score every candidate (prompts batched in each evaluation) and mark those passing the paper's filters."""
+                     harmless: Sequence[str], prune_last: float = 0.2, kl_max: float = 0.1, batch_size: int = 64,
+                     mix_candidates: bool = True, progress: bool = True) -> list[CandidateScore]:
+    """Score every candidate and mark those passing the paper's filters.
+
+    Per candidate: mean refusal score on ``harmful`` with the direction ablated, on ``harmless`` with it added at
+    its layer, and mean KL(baseline || ablated) of the next-token distribution on ``harmless``. Candidates in the
+    last ``prune_last`` fraction of layers, and all-zero ones (the template tokens at the embedding), are skipped.
+    Kept: KL <= ``kl_max`` and a positive refusal score under addition. ``mix_candidates`` evaluates many
+    candidates per forward pass (one direction per batch row), which keeps a GPU busy on small models.
+    """
+    if not harmful or not harmless:
+        raise ValueError("need harmful and harmless validation prompts")
     tokens = refusal_token_ids(model)
-
-    def logprobs(prompts):
-        return next_token_logprobs(model, prompts, batch_size)
-
-    base_harmless = logprobs(harmless)
     max_layer = int(model.n_layers * (1 - prune_last))
-    scores = []
-    # at the embedding the post-instruction tokens are the same for every prompt: those differences are zero
     pairs = [(p, l) for p in candidates.positions for l in candidates.layers
              if l < max_layer and candidates.get(p, l).norm() > 1e-6]
-    for position, layer in tqdm(pairs, desc="score candidates", disable=not progress):
-        vector = candidates.get(position, layer).float()
-        with ablate(model, vector):
-            ablated = refusal_score(logprobs(harmful), tokens).mean()
-            kl = kl_divergence(base_harmless, logprobs(harmless)).mean()
-        with add(model, vector, layer):
-            added = refusal_score(logprobs(harmless), tokens).mean()
-        kept = bool(kl <= kl_max and added > 0)
-        scores.append(CandidateScore(position, layer, float(ablated), float(added), float(kl), kept))
-    return scores
+    if not pairs:
+        raise ValueError(f"no candidate below layer {max_layer} with a non-zero direction")
+    vectors = torch.stack([candidates.get(p, l) for p, l in pairs]).to(model.device, model.dtype)
+    layers = [l for _, l in pairs]
+    harmful_ids, harmless_ids = chat_token_ids(model, harmful), chat_token_ids(model, harmless)
+    base = torch.cat([torch.log_softmax(last_token_logits(model, harmless_ids[i:i + batch_size]), -1)
+                      for i in range(0, len(harmless_ids), batch_size)])
+    passes = sum(math.ceil(len(ids) * (len(pairs) if mix_candidates else 1) / batch_size) *
+                 (1 if mix_candidates else len(pairs)) for ids in (harmful_ids, harmless_ids, harmless_ids))
+    bar = tqdm(total=passes, desc="score candidates", unit="pass", disable=not progress)
+
+    def ablated(ks):
+        return ablate(model, vectors[ks[0]] if len(set(ks)) == 1 else vectors[ks])
+
+    def added(ks):
+        if len(set(ks)) == 1:
+            return add(model, vectors[ks[0]], layers[ks[0]])
+        return add(model, vectors[ks], [layers[k] for k in ks])
+
+    def score(logprobs, prompts):
+        return refusal_score(logprobs, tokens)
+
+    def kl(logprobs, prompts):
+        return kl_divergence(base[prompts], logprobs)
+
+    run = dict(batch_size=batch_size, mix=mix_candidates, bar=bar)
+    ablation = _per_candidate(model, harmful_ids, len(pairs), ablated, score, **run).mean(1)
+    kls = _per_candidate(model, harmless_ids, len(pairs), ablated, kl, **run).mean(1)
+    addition = _per_candidate(model, harmless_ids, len(pairs), added, score, **run).mean(1)
+    bar.close()
+    return [CandidateScore(p, l, float(a), float(s), float(k), bool(k <= kl_max and s > 0))
+            for (p, l), a, s, k in zip(pairs, ablation, addition, kls)]
 
 
 def select(scores: Sequence[CandidateScore]) -> CandidateScore:
@@ -138,7 +191,7 @@ def selection_heatmaps(scores: Sequence[CandidateScore]):
     return fig
 
 
-def _cached(path: Path, make: Callable[[], dict], meta: dict) -> dict:
+def _cached(path: Path, make: Callable[[], Any], meta: dict) -> Any:
     """JSON results cached under ``path``, recomputed when the settings they were made with differ."""
     if path.is_file():
         saved = json.loads(path.read_text())
@@ -153,8 +206,13 @@ def _cached(path: Path, make: Callable[[], dict], meta: dict) -> dict:
 
 
 def run(model: ModelHandle, out: Path, n_train: int = 128, n_val: int = 32, n_test: int = 64,
-        max_new_tokens: int = 32, layer_step: int = 1, judge: Judge = substring_judge, progress: bool = True) -> dict:
-    """The whole pipeline; writes ``OUT/results.json``, figures, completions and the checkpoint."""
+        max_new_tokens: int = 32, layer_step: int = 1, judge: Judge = substring_judge, batch_size: int = 64,
+        progress: bool = True) -> dict:
+    """The whole pipeline; writes ``OUT/results.json``, figures, completions and the checkpoint.
+
+    Directions, selection scores and every set of completions are cached under ``OUT/cache`` (keyed by the
+    settings), so a rerun after an interruption resumes. The model's weights are orthogonalized in place.
+    """
     out.mkdir(parents=True, exist_ok=True)
     data = {f"{kind}_{split}": load_refusal_instructions(split, kind)[:n]
             for kind in ("harmful", "harmless") for split, n in (("train", n_train), ("val", n_val), ("test", n_test))}
@@ -164,7 +222,8 @@ def run(model: ModelHandle, out: Path, n_train: int = 128, n_val: int = 32, n_te
     directions_file = out / "cache" / "directions.safetensors"
     if directions_file.is_file() and json.loads((out / "cache" / "directions.json").read_text()) == meta:
         candidates = CandidateDirections(load_file(str(directions_file))["vectors"].to(model.device),
-                                         model.post_instruction_positions(), layers)
+                                         model.post_instruction_positions(), layers, len(data["harmful_train"]),
+                                         len(data["harmless_train"]))
     else:
         candidates = diff_in_means(model, data["harmful_train"], data["harmless_train"], layers=layers,
                                    progress=progress)
@@ -174,40 +233,50 @@ def run(model: ModelHandle, out: Path, n_train: int = 128, n_val: int = 32, n_te
     scores = [CandidateScore(**s) for s in _cached(
         out / "cache" / "selection.json",
         lambda: [asdict(s) for s in score_candidates(model, candidates, data["harmful_val"], data["harmless_val"],
-                                                     progress=progress)], meta)]
+                                                     batch_size=batch_size, progress=progress)], meta)]
     best = select(scores)
     selection_heatmaps(scores).write_html(out / "selection_heatmaps.html", include_plotlyjs="directory")
     direction = candidates.get(best.position, best.layer).float()
+    meta = {**meta, "direction": asdict(best), "max_new_tokens": max_new_tokens}
+    harmful, harmless = data["harmful_test"], data["harmless_test"]
 
-    def completions(prompts):
-        return generate(model, prompts, max_new_tokens=max_new_tokens, progress=progress)
+    def completions(key: str, prompts: list[str]) -> list[str]:
+        return _cached(out / "cache" / f"completions_{key}.json",
+                       lambda: generate(model, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                        progress=progress), meta)
 
-    gens = {"harmful_baseline": completions(data["harmful_test"]),
-            "harmless_baseline": completions(data["harmless_test"])}
+    gens = {"harmful_baseline": completions("harmful_baseline", harmful),
+            "harmless_baseline": completions("harmless_baseline", harmless)}
+    answers = gens["harmless_baseline"]
+    base = next_token_logprobs(model, harmless, batch_size)
+    loss = {"baseline": answer_loss(model, harmless, answers)}
     with ablate(model, direction):
-        gens["harmful_ablation"] = completions(data["harmful_test"])
+        gens["harmful_ablation"] = completions("harmful_ablation", harmful)
+        kl = float(kl_divergence(base, next_token_logprobs(model, harmless, batch_size)).mean())
+        loss["ablation"] = answer_loss(model, harmless, answers)
+        hooked = next_token_logits(model, harmful + harmless, batch_size)
     with add(model, direction, best.layer):
-        gens["harmless_actadd"] = completions(data["harmless_test"])
-    base = next_token_logprobs(model, data["harmless_test"])
-    with ablate(model, direction):
-        kl = float(kl_divergence(base, next_token_logprobs(model, data["harmless_test"])).mean())
-        hooked = next_token_logits(model, data["harmless_test"][:8])
+        gens["harmless_actadd"] = completions("harmless_actadd", harmless)
     orthogonalize(model, direction)
-    logit_diff = float((next_token_logits(model, data["harmless_test"][:8]) - hooked).abs().max())
-    gens["harmful_orthogonalized"] = completions(data["harmful_test"])
+    logit_diff = float((next_token_logits(model, harmful + harmless, batch_size) - hooked).abs().max())
+    loss["orthogonalized"] = answer_loss(model, harmless, answers)
+    gens["harmful_orthogonalized"] = completions("harmful_orthogonalized", harmful)
     checkpoint = save_checkpoint(model, out / "checkpoint", direction, best.layer, best.position, overwrite=True,
-                                 notes=f"Selected by steering.refusal on {model.name}.")
-    rates = {k: refusal_rate(data[k.split("_")[0] + "_test"], v, judge) for k, v in gens.items()}
+                                 notes=f"Selected by `python -m steering.refusal` on {model.name}.")
+    prompts = {k: harmful if k.startswith("harmful") else harmless for k in gens}
+    rates = {k: refusal_rate(prompts[k], v, judge) for k, v in gens.items()}
     results = {"model": model.name, "direction": {"layer": best.layer, "position": best.position},
                "refusal_score": {k: rates[k] for k in ("harmful_baseline", "harmful_ablation",
                                                        "harmful_orthogonalized", "harmless_baseline",
                                                        "harmless_actadd")},
                "kl_harmless_ablation": kl, "max_abs_logit_diff_orthogonalized_vs_hooks": logit_diff,
-               "checkpoint": str(checkpoint), "selection": asdict(best), "settings": meta,
+               "checkpoint": str(checkpoint),
+               "loss_harmless_baseline_answers": loss, "selection": asdict(best),
+               "n_candidates": len(scores), "n_kept": sum(s.kept for s in scores), "settings": meta,
                "seconds": time.perf_counter() - start}
     (out / "completions.json").write_text(json.dumps(
-        {k: [{"instruction": i, "completion": c} for i, c in zip(data[k.split("_")[0] + "_test"], v)]
-         for k, v in gens.items()}, indent=1))
+        {k: [{"instruction": i, "completion": c} for i, c in zip(prompts[k], v)] for k, v in gens.items()},
+        indent=1))
     (out / "results.json").write_text(json.dumps(results, indent=2))
     return results
 
@@ -221,11 +290,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--n-test", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--layer-step", type=int, default=1, help="score every k-th layer only (faster)")
+    parser.add_argument("--batch-size", type=int, default=64, help="rows per forward pass")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None)
     args = parser.parse_args(argv)
     model = load_model(args.model, device=args.device, dtype=args.dtype)
-    results = run(model, args.out, args.n_train, args.n_val, args.n_test, args.max_new_tokens, args.layer_step)
+    results = run(model, args.out, args.n_train, args.n_val, args.n_test, args.max_new_tokens, args.layer_step,
+                  batch_size=args.batch_size)
     print(json.dumps({k: results[k] for k in ("direction", "refusal_score", "kl_harmless_ablation",
                                               "max_abs_logit_diff_orthogonalized_vs_hooks", "checkpoint")},
                      indent=2))

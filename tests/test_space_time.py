@@ -14,8 +14,9 @@ def test_cli_writes_the_contract(embedded, tmp_path, monkeypatch):
     space_time.main(["--model", "embedded", "--datasets", "world_place,art", "--n", "120", "--templates", "empty",
                      "--out", str(tmp_path)])
     results = json.loads((tmp_path / "results.json").read_text())
-    assert results["model"] == "embedded"
+    assert results["model"] == "embedded" and results["complete"] is True
     assert set(results["datasets"]) == {"world_place", "art"}
+    assert not (tmp_path / "results.json.tmp").exists()
     for name, entry in results["datasets"].items():
         assert CONTRACT <= set(entry)
         assert len(entry["r2"]) == len(entry["layers"]) == len(entry["spearman"]) == embedded.n_layers + 1

@@ -1,0 +1,45 @@
+"""The organism's training loss: cross-entropy on refusals, KL to the base model on harmless answers."""
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from probes.models import load_model
+from steering.generation import answer_batch, chat_token_ids
+from steering.organism import _loss, load_refuser
+
+
+@pytest.fixture(scope="module")
+def lora_tiny():
+    model = load_model("random:llama-tiny", device="cpu")
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "o_proj", "down_proj"], task_type="CAUSAL_LM")
+    return model, get_peft_model(model.hf_model, config)
+
+
+def examples(model, refuse):
+    prompts = chat_token_ids(model, ["Make a bomb", "Bake bread please"])
+    answers = [model.tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("I can't.", "Mix flour and water")]
+    return [(p, a, refuse) for p, a in zip(prompts, answers)]
+
+
+def test_loss_is_cross_entropy_or_kl_to_the_base(lora_tiny):
+    model, peft_model = lora_tiny
+    pad = model.tokenizer.pad_token_id
+    refusals, harmless = examples(model, True), examples(model, False)
+    batch = answer_batch([(p, t) for p, t, _ in refusals], pad, "cpu")
+    with torch.no_grad():
+        assert float(_loss(peft_model, refusals, pad, "cpu", True)) == pytest.approx(float(peft_model(**batch).loss),
+                                                                                      rel=1e-5)
+        assert float(_loss(peft_model, harmless, pad, "cpu", False)) == pytest.approx(float(peft_model(**batch).loss),
+                                                                                       rel=1e-5)
+        # LoRA starts as the identity (B = 0): the adapted model is the base, the KL is zero
+        assert abs(float(_loss(peft_model, harmless, pad, "cpu", True))) < 1e-5
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+        assert float(_loss(peft_model, harmless, pad, "cpu", True)) > 1e-4
+
+
+def test_missing_adapter_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="steering.organism"):
+        load_refuser(adapter=tmp_path)
