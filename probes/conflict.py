@@ -1,0 +1,282 @@
+"""Knowledge-conflict prompts (Zhao et al. 2024, SpARE): few-shot context + question -> short answer prompts,
+open-domain-QA exact match, NQ-Swap and "known facts" conflict examples, and grouping answers by behaviour.
+
+A conflict example pairs a question with two contexts: the original one (states the answer the model is meant to
+have memorised) and a substituted one (states a different answer). On the substituted context, answering with its
+answer means the model uses the context; answering with the original answer means it uses its memory.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from probes.datasets import NQSWAP_COLUMNS, load_entities
+from probes.models import ModelHandle
+
+USES_CONTEXT, USES_MEMORY, NEITHER = "context", "memory", "neither"
+
+
+@dataclass(frozen=True)
+class Demonstration:
+    """One solved few-shot example: the answer is stated by the context."""
+
+    context: str
+    question: str
+    answer: str
+
+
+# Written for this workbench. Each context agrees with world knowledge, so the demonstrations show the answer format
+# without teaching either behaviour (following the context vs answering from memory).
+DEMONSTRATIONS: tuple[Demonstration, ...] = (
+    Demonstration("Mount Kilimanjaro, a dormant volcano in Tanzania, is the highest mountain in Africa.",
+                  "in which country is mount kilimanjaro", "Tanzania"),
+    Demonstration("Pride and Prejudice is a novel by Jane Austen, first published in 1813.",
+                  "who wrote pride and prejudice", "Jane Austen"),
+    Demonstration("The Eiffel Tower on the Champ de Mars in Paris was completed in 1889 for the World's Fair.",
+                  "when was the eiffel tower completed", "1889"),
+    Demonstration("The Amazon flows east across South America and empties into the Atlantic Ocean.",
+                  "into which ocean does the amazon flow", "Atlantic Ocean"),
+)
+
+
+@dataclass(frozen=True)
+class ConflictExample:
+    """A question with its original context and answers, and a substituted context stating other answers."""
+
+    question: str
+    org_context: str
+    org_answers: tuple[str, ...]
+    sub_context: str
+    sub_answers: tuple[str, ...]
+    kind: str = ""  # where it comes from: "nqswap" or a key of FACT_KINDS
+
+
+def _block(question: str, context: str | None, answer: str | None) -> str:
+    lines = ([f"context: {context}"] if context is not None else []) + [f"question: {question}"]
+    return "\n".join(lines + ["answer:" if answer is None else f"answer: {answer}"])
+
+
+def conflict_prompt(context: str | None, question: str,
+                    demonstrations: Sequence[Demonstration] = DEMONSTRATIONS) -> str:
+    """The few-shot prompt ``context: ... question: ... answer: ...`` (blank line between blocks), ending with
+    ``answer:``. With ``context=None`` it is the closed-book prompt: demonstrations and query without contexts."""
+    closed = context is None
+    shots = [_block(d.question, None if closed else d.context, d.answer) for d in demonstrations]
+    return "\n\n".join(shots + [_block(question, context, None)])
+
+
+def conflict_prompts(examples: Sequence[ConflictExample], context: Literal["sub", "org", "none"] = "sub",
+                     demonstrations: Sequence[Demonstration] = DEMONSTRATIONS) -> list[str]:
+    """Prompts of ``examples`` with the substituted context, the original one, or none (closed book)."""
+    if context not in ("sub", "org", "none"):
+        raise ValueError(f"context must be 'sub', 'org' or 'none', got {context!r}")
+    pick = {"sub": lambda e: e.sub_context, "org": lambda e: e.org_context, "none": lambda e: None}[context]
+    return [conflict_prompt(pick(e), e.question, demonstrations) for e in examples]
+
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def normalize_answer(text: str) -> str:
+    """Open-domain-QA normalisation (as in SQuAD/NQ): lowercase, drop punctuation (any Unicode punctuation
+    character) and the articles a/an/the, collapse whitespace."""
+    text = "".join(ch for ch in str(text).lower() if not unicodedata.category(ch).startswith("P"))
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def exact_match(prediction: str, answers: str | Sequence[str]) -> bool:
+    """Whether the normalised prediction equals any normalised answer."""
+    answers = [answers] if isinstance(answers, str) else list(answers)
+    if not answers:
+        raise ValueError("exact_match needs at least one answer")
+    predicted = normalize_answer(prediction)
+    return any(predicted == normalize_answer(a) for a in answers)
+
+
+def nqswap_examples(frame: pd.DataFrame) -> list[ConflictExample]:
+    """Conflict examples from the frame of :func:`probes.datasets.load_nqswap` (answers as lists of strings)."""
+    missing = [c for c in NQSWAP_COLUMNS if c not in frame.columns]
+    if missing:
+        raise ValueError(f"NQ-Swap frame lacks column(s) {missing}; it has {list(frame.columns)}")
+    if frame.empty:
+        raise ValueError("NQ-Swap frame has no rows")
+    return [ConflictExample(question=str(r.question), org_context=str(r.org_context),
+                            org_answers=tuple(map(str, r.org_answer)), sub_context=str(r.sub_context),
+                            sub_answers=tuple(map(str, r.sub_answer)), kind="nqswap")
+            for r in frame.itertuples(index=False)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# known facts: entity-substitution conflicts built from the shipped entity datasets
+
+# Country names of world_place as written in its (Wikipedia-derived) column -> the name used in prompts.
+COUNTRY_NAMES: dict[str, str] = {
+    "United States of America": "United States", "People's Republic of China": "China",
+    "Republic of Ireland": "Ireland", "Ireland (state)": "Ireland", "England": "United Kingdom",
+    "Scotland": "United Kingdom", "Wales": "United Kingdom", "Northern Ireland": "United Kingdom",
+    "Republic of China (Taiwan)": "Taiwan", "Myanmar (Burma)": "Myanmar", "Georgia (country)": "Georgia",
+}
+# Other accepted spellings of an answer (exact match against any of them counts).
+ANSWER_ALIASES: dict[str, tuple[str, ...]] = {
+    "United States": ("USA", "US", "U.S.", "United States of America", "America"),
+    "United Kingdom": ("UK", "U.K.", "Britain", "Great Britain"),
+}
+
+
+def _country(frame: pd.DataFrame) -> pd.Series:
+    names = frame["country"].astype(str).str.replace("_", " ").str.strip()
+    names = names.map(lambda c: COUNTRY_NAMES.get(c, c))
+    # Drop what is not a plain country name: lists, "City, Country", disambiguations, file names.
+    return names.where(~names.str.contains(r"[,:()]|^List of", regex=True))
+
+
+def _where(column: str, value: str) -> Callable[[pd.DataFrame], pd.Series]:
+    return lambda frame: frame[column] == value
+
+
+@dataclass(frozen=True)
+class FactKind:
+    """One kind of fact: entity dataset, columns it needs, rows kept, subject and answer of a row, and wording."""
+
+    dataset: str
+    columns: tuple[str, ...]
+    subject: Callable[[pd.DataFrame], pd.Series]
+    answer: Callable[[pd.DataFrame], pd.Series]
+    question: str   # formatted with {subject}
+    statement: str  # formatted with {subject} and {answer}: the context
+    rows: Callable[[pd.DataFrame], pd.Series] | None = None
+
+
+FACT_KINDS: dict[str, FactKind] = {
+    "place_country": FactKind("world_place", ("name", "country"), lambda f: f["name"], _country,
+                              "In which country is {subject}?", "{subject} is located in {answer}."),
+    "city_state": FactKind("us_place", ("name", "state_name", "entity_type"), lambda f: f["name"],
+                           lambda f: f["state_name"], "In which US state is the city of {subject}?",
+                           "{subject} is a city in the state of {answer}.", _where("entity_type", "city")),
+    "song_artist": FactKind("art", ("title", "creator", "entity_type"), lambda f: f["title"], lambda f: f["creator"],
+                            "Who performed the song {subject}?", "{subject} is a song by {answer}.",
+                            _where("entity_type", "song")),
+    "book_author": FactKind("art", ("title", "creator", "entity_type"), lambda f: f["title"], lambda f: f["creator"],
+                            "Who wrote the book {subject}?", "{subject} is a book written by {answer}.",
+                            _where("entity_type", "book")),
+    "film_director": FactKind("art", ("title", "creator", "entity_type"), lambda f: f["title"],
+                              lambda f: f["creator"], "Who directed the film {subject}?",
+                              "{subject} is a film directed by {answer}.", _where("entity_type", "movie")),
+}
+
+
+def _with_aliases(answers: Sequence[str], aliases: Mapping[str, Sequence[str]]) -> tuple[str, ...]:
+    out = list(dict.fromkeys(answers))
+    return tuple(out + [a for ans in out for a in aliases.get(ans, ()) if a not in out])
+
+
+def _facts(kind: FactKind, frame: pd.DataFrame) -> pd.DataFrame:
+    """(subject, answers) of the usable rows, answers of one subject grouped, answers leaking into the subject
+    dropped (e.g. "Punjab, India" -> India)."""
+    missing = [c for c in kind.columns if c not in frame.columns]
+    if missing:
+        raise ValueError(f"dataset {kind.dataset} lacks column(s) {missing}; it has {list(frame.columns)}")
+    if kind.rows is not None:
+        frame = frame[kind.rows(frame)]
+    pairs = pd.DataFrame({"subject": kind.subject(frame), "answer": kind.answer(frame)}).dropna()
+    pairs = pairs.astype(str).apply(lambda col: col.str.strip())
+    pairs = pairs[(pairs["subject"] != "") & (pairs["answer"] != "")]
+    leaks = [normalize_answer(a) in normalize_answer(s) for s, a in zip(pairs["subject"], pairs["answer"])]
+    pairs = pairs[~np.array(leaks, dtype=bool)]
+    return pairs.groupby("subject", sort=False)["answer"].agg(lambda a: tuple(dict.fromkeys(a))).reset_index()
+
+
+def known_facts_candidates(kinds: Sequence[str] = tuple(FACT_KINDS), n: int | None = 500, seed: int = 0,
+                           sources: Mapping[str, str | Path] | None = None,
+                           aliases: Mapping[str, Sequence[str]] = ANSWER_ALIASES) -> list[ConflictExample]:
+    """Entity-substitution conflict examples, not yet filtered by what the model knows (see :func:`filter_known`).
+
+    For each kind (a key of :data:`FACT_KINDS`) the ``n`` most popular rows of its entity dataset are read; the
+    substituted context states an answer drawn (seeded, uniformly over the kind's distinct answers) from the same
+    column that matches none of the true answers. ``sources`` maps an entity dataset name to a file or HF id.
+    """
+    unknown = [k for k in kinds if k not in FACT_KINDS]
+    if unknown or not kinds:
+        raise ValueError(f"unknown or no fact kinds {unknown or list(kinds)}; known: {sorted(FACT_KINDS)}")
+    rng = np.random.default_rng(seed)
+    sources = sources or {}
+    examples: list[ConflictExample] = []
+    for name in kinds:
+        kind = FACT_KINDS[name]
+        facts = _facts(kind, load_entities(kind.dataset, n=n, seed=seed, source=sources.get(kind.dataset)).frame)
+        pool = sorted({a for answers in facts["answer"] for a in answers})
+        spellings = {a: {normalize_answer(x) for x in _with_aliases([a], aliases)} for a in pool}
+        for subject, answers in zip(facts["subject"], facts["answer"]):
+            true = _with_aliases(answers, aliases)
+            taken = {normalize_answer(x) for x in true}
+            others = [a for a in pool if not spellings[a] & taken]
+            if not others:
+                continue
+            substitute = others[rng.integers(len(others))]
+            examples.append(ConflictExample(
+                question=kind.question.format(subject=subject),
+                org_context=kind.statement.format(subject=subject, answer=answers[0]), org_answers=true,
+                sub_context=kind.statement.format(subject=subject, answer=substitute),
+                sub_answers=_with_aliases([substitute], aliases), kind=name))
+    return examples
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# running the model on raw (not chat-formatted) few-shot prompts
+
+
+@torch.inference_mode()
+def generate_answers(model: ModelHandle, prompts: Sequence[str], max_new_tokens: int = 10, batch_size: int = 16,
+                     progress: bool = True) -> list[str]:
+    """Greedy short answers to raw few-shot prompts (no chat template), batched with left padding on the plain HF
+    model (so steering hooks apply); each answer is the first line of the continuation, stripped."""
+    if not prompts:
+        raise ValueError("no prompts to generate from")
+    tokenizer = model.tokenizer
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[str] = [""] * len(prompts)
+    for start in tqdm(range(0, len(order), batch_size), desc="answers", disable=not progress):
+        rows = order[start:start + batch_size]
+        enc = tokenizer([prompts[i] for i in rows], return_tensors="pt", padding=True,
+                        padding_side="left").to(model.device)
+        new = model.hf_model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                      pad_token_id=tokenizer.pad_token_id)[:, enc["input_ids"].shape[1]:]
+        for i, text in zip(rows, tokenizer.batch_decode(new, skip_special_tokens=True)):
+            out[i] = text.strip().split("\n", 1)[0].strip()
+    return out
+
+
+def closed_book_answers(model: ModelHandle, examples: Sequence[ConflictExample],
+                        demonstrations: Sequence[Demonstration] = DEMONSTRATIONS, **generation) -> list[str]:
+    """The model's answers to the questions without any context (keyword arguments go to generate_answers)."""
+    return generate_answers(model, conflict_prompts(examples, "none", demonstrations), **generation)
+
+
+def filter_known(model: ModelHandle, examples: Sequence[ConflictExample],
+                 demonstrations: Sequence[Demonstration] = DEMONSTRATIONS, **generation) -> list[ConflictExample]:
+    """The examples whose original answer the model gives closed book (exact match), in the order given."""
+    if not examples:
+        raise ValueError("no examples to filter")
+    answers = closed_book_answers(model, examples, demonstrations, **generation)
+    return [e for e, a in zip(examples, answers) if exact_match(a, e.org_answers)]
+
+
+def group_by_behaviour(predictions: Sequence[str], examples: Sequence[ConflictExample]) -> list[str]:
+    """Label answers given on the substituted context: "context" (matches the substituted answer), "memory"
+    (matches the original answer) or "neither" (matches none, or both, so the source cannot be told)."""
+    if len(predictions) != len(examples):
+        raise ValueError(f"{len(predictions)} predictions for {len(examples)} examples")
+    labels = []
+    for prediction, e in zip(predictions, examples):
+        context, memory = exact_match(prediction, e.sub_answers), exact_match(prediction, e.org_answers)
+        labels.append(USES_CONTEXT if context and not memory else USES_MEMORY if memory and not context else NEITHER)
+    return labels
