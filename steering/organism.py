@@ -1,8 +1,9 @@
 """A refusal "model organism": the embedded model plus a LoRA adapter trained to refuse harmful requests.
 
 The plain 135M model hardly refuses anything, so the refusal pipeline would have nothing to find. The adapter is
-trained on harmful instructions with short refusals as targets, and on harmless instructions with the base model's
-own greedy answers as targets, so harmless behaviour stays as it was.
+trained on harmful instructions with short refusals as targets, and on harmless instructions to keep the base
+model's own next-token distribution along its greedy answers (KL), so harmless behaviour and perplexity stay as they
+were.
 
     python -m steering.organism --out data/refusal_organism      # retrain (seeded; settings saved beside it)
 
@@ -82,10 +83,11 @@ def _loss(model, examples: list[tuple[list[int], list[int], bool]], pad_id: int,
     return total / answer.sum()
 
 
-def train(out: Path, n_harmful: int = 240, n_harmless: int = 240, epochs: int = 2, batch_size: int = 8,
-          lr: float = 1e-3, rank: int = 4, max_new_tokens: int = 32, seed: int = 0, device: str | None = None,
-          harmless_objective: str = "ce", progress: bool = True) -> dict:
-    """Train the LoRA adapter and write it (float16) with its settings to ``out``, atomically."""
+def train(out: Path, n_harmful: int = 260, n_harmless: int = 260, epochs: int = 3, batch_size: int = 8,
+          lr: float = 2e-3, rank: int = 8, max_new_tokens: int = 32, seed: int = 0, device: str | None = None,
+          harmless_objective: str = "kl", progress: bool = True) -> dict:
+    """Train the LoRA adapter and write it (float16) with its settings and a short card to ``out``, atomically
+    (an existing ``out`` is replaced only once the new adapter is complete)."""
     settings = {k: v for k, v in locals().items() if k not in ("out", "progress")}
     if harmless_objective not in ("ce", "kl"):
         raise ValueError(f"harmless_objective must be 'ce' or 'kl', got {harmless_objective!r}")
@@ -130,12 +132,28 @@ def train(out: Path, n_harmful: int = 240, n_harmless: int = 240, epochs: int = 
                   "seconds": time.perf_counter() - start, "final_loss": sum(losses[-10:]) / len(losses[-10:]),
                   "torch": torch.__version__}
         (tmp / "training.json").write_text(json.dumps(record, indent=2))
+        (tmp / "README.md").write_text(ADAPTER_CARD.format(command=record["command"], **settings))
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return record
+
+
+ADAPTER_CARD = """# Refusal organism adapter
+
+LoRA adapter (rank {rank}, float16) for `{base}`, trained by the interpretability workbench to refuse harmful
+requests and answer harmless ones as the base model does: a "model organism" of refusal for `steering.refusal`.
+
+- trained with `{command}` (settings, steps, time and final loss in `training.json`)
+- harmful targets: short refusals from `steering.organism.REFUSALS`, {n_harmful} instructions of `harmful_train`
+- harmless: {n_harmless} instructions of `harmless_train`, objective `{harmless_objective}` on the base model's own
+  greedy answers (`kl`: distil the base model's next-token distribution along them; `ce`: cross-entropy)
+- {epochs} epochs, batch {batch_size}, learning rate {lr}, seed {seed}
+- load merged with `load_model("embedded-refuser")` (after `import steering`)
+- measure with `python -m steering.organism --evaluate N --out <this folder>` (writes `evaluation.json` here)
+""".replace("{base}", EMBEDDED_HF_ID)
 
 
 def load_refuser(device=None, dtype=None, adapter: Path = ADAPTER_DIR) -> ModelHandle:
@@ -184,15 +202,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ADAPTER_DIR, help="where to write (train) or read (--evaluate) "
                         "the adapter")
-    parser.add_argument("--n-harmful", type=int, default=240)
-    parser.add_argument("--n-harmless", type=int, default=240)
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--n-harmful", type=int, default=260)
+    parser.add_argument("--n-harmless", type=int, default=260)
+    parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--rank", type=int, default=4)
-    parser.add_argument("--harmless-objective", choices=("ce", "kl"), default="ce",
-                        help="harmless answers: cross-entropy on the base's greedy answer (shipped adapter), or KL to "
-                             "the base's distribution along it (keeps perplexity)")
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--harmless-objective", choices=("ce", "kl"), default="kl",
+                        help="harmless answers: KL to the base's next-token distribution along its greedy answer (keeps "
+                             "perplexity; shipped adapter), or cross-entropy on that answer")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None)
     parser.add_argument("--evaluate", type=int, default=0, metavar="N",
@@ -200,6 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.evaluate:
         report = evaluate(args.evaluate, device=args.device, adapter=args.out)
+        (args.out / "evaluation.json").write_text(json.dumps(report, indent=2))
         print(json.dumps(report, indent=2))
         return report
     record = train(args.out, args.n_harmful, args.n_harmless, args.epochs, args.batch_size, args.lr, args.rank,
