@@ -8,9 +8,11 @@ answer means the model uses the context; answering with the original answer mean
 
 from __future__ import annotations
 
+import gzip
+import json
 import re
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Literal, Mapping, Sequence
 
@@ -280,3 +282,73 @@ def group_by_behaviour(predictions: Sequence[str], examples: Sequence[ConflictEx
         context, memory = exact_match(prediction, e.sub_answers), exact_match(prediction, e.org_answers)
         labels.append(USES_CONTEXT if context and not memory else USES_MEMORY if memory and not context else NEITHER)
     return labels
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# storing examples (the known facts of a model are costly to find: they are shipped for the embedded model)
+
+KNOWN_FACTS_DIR = Path(__file__).resolve().parent.parent / "data" / "known_facts"
+
+
+def save_examples(examples: Sequence[ConflictExample], path: str | Path) -> Path:
+    """Write examples as gzip JSON lines, to a temporary name renamed when complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with gzip.open(tmp, "wt", encoding="utf-8") as f:
+        for e in examples:
+            f.write(json.dumps(asdict(e)) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def load_examples(path: str | Path) -> list[ConflictExample]:
+    """Examples written by :func:`save_examples`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no conflict examples at {path}")
+    fields = set(ConflictExample.__dataclass_fields__)
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    bad = [i for i, r in enumerate(rows) if set(r) != fields]
+    if bad or not rows:
+        raise ValueError(f"{path} is not a file of conflict examples (rows {bad[:5]} have other fields)"
+                         if bad else f"{path} holds no examples")
+    return [ConflictExample(**{k: tuple(v) if isinstance(v, list) else v for k, v in r.items()}) for r in rows]
+
+
+def known_facts(model: ModelHandle, n: int | None = 500, seed: int = 0, cache: str | Path | None = None,
+                progress: bool = True) -> list[ConflictExample]:
+    """The known-facts conflict set of ``model``: read from ``cache`` (default ``data/known_facts/<model>.jsonl.gz``)
+    if it exists, else built from the entity datasets, filtered by closed-book answers and saved there."""
+    path = Path(cache) if cache is not None else KNOWN_FACTS_DIR / f"{model.name.replace('/', '--')}.jsonl.gz"
+    if path.is_file():
+        return load_examples(path)
+    examples = filter_known(model, known_facts_candidates(n=n, seed=seed), progress=progress)
+    save_examples(examples, path)
+    return examples
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Build and save the known-facts conflict set of a model."""
+    import argparse
+
+    from probes.models import load_model
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--model", default="embedded")
+    parser.add_argument("--n", type=int, default=500, help="most popular rows read per fact kind")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None, help="default: data/known_facts/<model>.jsonl.gz")
+    args = parser.parse_args(argv)
+    model = load_model(args.model)
+    path = args.out or KNOWN_FACTS_DIR / f"{model.name.replace('/', '--')}.jsonl.gz"
+    if path.exists():
+        raise FileExistsError(f"{path} exists; remove it to rebuild")
+    examples = known_facts(model, args.n, args.seed, path)
+    kinds = {k: sum(e.kind == k for e in examples) for k in FACT_KINDS}
+    print(f"{len(examples)} known facts {kinds} -> {path}")
+
+
+if __name__ == "__main__":
+    main()

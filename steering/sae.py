@@ -1,0 +1,342 @@
+"""Sparse autoencoders (SAEs) on the residual stream: train, save, load, evaluate.
+
+Training uses SAELens's own machinery: a ``TrainingSAE`` (``StandardTrainingSAE``: ReLU + L1, or
+``TopKTrainingSAE``) stepped by ``SAETrainer`` through its public seams (``step``, ``maybe_reset_sparsity``,
+``set_final_sae_metadata``, ``activation_scaler``), fed from an in-memory activation tensor instead of SAELens's
+``ActivationsStore`` (which needs a HookedTransformer and a hub dataset). The result is converted to SAELens's
+inference class (``StandardSAE`` / ``TopKSAE``), so ``encode`` / ``decode`` and SAELens tooling work as usual.
+
+The SAE hook point is always the residual stream entering decoder block ``layer`` (``blocks.{layer}.hook_resid_pre``).
+Evaluation splices the reconstruction into ``model.hf_model`` with a forward pre-hook on that block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+from safetensors import SafetensorError
+from sae_lens import SAE, StandardTrainingSAE, StandardTrainingSAEConfig, TopKTrainingSAE
+from sae_lens import TopKTrainingSAEConfig
+from sae_lens.config import LoggingConfig, SAETrainerConfig
+from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
+from sae_lens.evals import ExplainedVarianceCalculator
+from sae_lens.saes.sae import SAEMetadata, TrainingSAE
+from sae_lens.training.sae_trainer import SAETrainer
+from tqdm.auto import tqdm
+
+from probes.cache import decoder_layers
+from probes.datasets import DATA_DIR
+from probes.models import ModelHandle
+
+ARCHITECTURES = ("standard", "topk")
+SAE_DIR = DATA_DIR / "sae"  # shipped SAEs: SAE_DIR / <model name> / layer_<L>
+
+
+# ---------------------------------------------------------------- training
+
+def _check_acts(acts: torch.Tensor, d_in: int | None = None) -> None:
+    if not isinstance(acts, torch.Tensor) or acts.dim() != 2:
+        raise ValueError(f"activations must be a 2-D tensor [n_tokens, d_in], got "
+                         f"{tuple(acts.shape) if isinstance(acts, torch.Tensor) else type(acts).__name__}")
+    if acts.shape[0] == 0:
+        raise ValueError("the activation tensor is empty")
+    if d_in is not None and acts.shape[1] != d_in:
+        raise ValueError(f"activations have width {acts.shape[1]}, the SAE expects d_in={d_in}")
+    if not torch.isfinite(acts).all():
+        raise ValueError("activations contain NaN or infinite values")
+
+
+def _training_sae(architecture: str, d_in: int, d_sae: int, l1_coefficient: float, k: int, l1_warm_up_steps: int,
+                  device: torch.device, metadata: dict) -> TrainingSAE:
+    """A fresh SAELens training SAE of the given architecture (weights from the current torch RNG)."""
+    common = dict(d_in=d_in, d_sae=d_sae, device=str(device), dtype="float32", metadata=SAEMetadata(**metadata))
+    if architecture == "standard":
+        return StandardTrainingSAE(StandardTrainingSAEConfig(
+            l1_coefficient=l1_coefficient, l1_warm_up_steps=l1_warm_up_steps, **common))
+    return TopKTrainingSAE(TopKTrainingSAEConfig(k=k, **common))
+
+
+def _batches(acts: torch.Tensor, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Endless shuffled full batches of ``acts`` (float32), a new permutation each epoch: SAELens's data provider."""
+    n = acts.shape[0]
+    usable = n - n % batch_size
+    while True:
+        order = torch.randperm(n, generator=generator)[:usable].to(acts.device)
+        for idx in order.split(batch_size):
+            yield acts[idx].float()
+
+
+def _inference_sae(training: TrainingSAE) -> SAE:
+    """SAELens's inference SAE with the trained weights (the same conversion as ``save_inference_model``)."""
+    state = {name: tensor.detach().clone() for name, tensor in training.state_dict().items()}
+    training.process_state_dict_for_saving_inference(state)
+    sae = SAE.from_dict(training.cfg.get_inference_sae_cfg_dict())
+    sae.load_state_dict(state)
+    return sae.eval()
+
+
+def train_sae(acts: torch.Tensor, d_sae: int, l1_coefficient: float = 5.0, *, architecture: str = "standard",
+              k: int = 32, epochs: float = 20.0, batch_size: int = 1024, lr: float = 1e-3,
+              l1_warm_up_fraction: float = 0.05, lr_decay_fraction: float = 0.2, normalize: bool = True,
+              metadata: dict | None = None, seed: int = 0, device: str | torch.device | None = None,
+              progress: bool = True) -> SAE:
+    """Train an SAE on activations ``[n_tokens, d_in]`` with SAELens's trainer; returns SAELens's inference SAE.
+
+    architecture: ``"standard"`` (ReLU with an L1 penalty of ``l1_coefficient`` on decoder-norm-weighted latents)
+    or ``"topk"`` (the ``k`` largest latents are kept; ``l1_coefficient`` is unused). ``epochs`` passes over the
+    data in shuffled batches; the L1 penalty warms up over the first ``l1_warm_up_fraction`` of the steps and the
+    learning rate decays linearly to 0 over the last ``lr_decay_fraction`` (as in Anthropic's April 2024 update).
+    With ``normalize``, activations are scaled to mean norm sqrt(d_in) during training (so ``l1_coefficient`` means
+    the same at every layer) and the scale is folded into the weights afterwards. ``metadata`` (e.g. ``model_name``,
+    ``hook_name``, ``layer``) is stored in ``sae.cfg.metadata`` together with the training settings.
+    """
+    _check_acts(acts)
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
+    if d_sae < 1 or batch_size < 1 or epochs <= 0 or lr <= 0 or l1_coefficient < 0:
+        raise ValueError(f"d_sae, batch_size, epochs and lr must be positive and l1_coefficient non-negative, got "
+                         f"d_sae={d_sae}, batch_size={batch_size}, epochs={epochs}, lr={lr}, "
+                         f"l1_coefficient={l1_coefficient}")
+    if architecture == "topk" and not 1 <= k <= d_sae:
+        raise ValueError(f"k must be in 1..d_sae={d_sae}, got {k}")
+    device = torch.device(device) if device is not None else acts.device
+    n, d_in = acts.shape
+    batch_size = min(batch_size, n)
+    steps = max(1, round(epochs * n / batch_size))
+    settings = dict(architecture=architecture, d_sae=d_sae, epochs=epochs, batch_size=batch_size, lr=lr,
+                    steps=steps, n_tokens=n, normalize=normalize, seed=seed,
+                    **({"l1_coefficient": l1_coefficient} if architecture == "standard" else {"k": k}))
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        training = _training_sae(architecture, d_in, d_sae, l1_coefficient, k, int(l1_warm_up_fraction * steps),
+                                 device, {**(metadata or {}), "training": settings})
+    data = _batches(acts.to(device), batch_size, torch.Generator().manual_seed(seed))
+    trainer = SAETrainer(cfg=_trainer_config(steps, batch_size, lr, int(lr_decay_fraction * steps), device),
+                         sae=training, data_provider=data)
+    if normalize:
+        trainer.activation_scaler.scaling_factor = d_in ** 0.5 / acts.float().norm(dim=-1).mean().item()
+    for _ in tqdm(range(steps), desc="train SAE", disable=not progress):
+        trainer.maybe_reset_sparsity()
+        trainer.step(next(data))
+        trainer.n_training_steps += 1
+    if trainer.activation_scaler.scaling_factor is not None:
+        training.fold_activation_norm_scaling_factor(trainer.activation_scaler.scaling_factor)
+    trainer.set_final_sae_metadata()
+    return _inference_sae(training)
+
+
+def _trainer_config(steps: int, batch_size: int, lr: float, decay_steps: int, device: torch.device
+                    ) -> SAETrainerConfig:
+    """SAELens trainer settings: Adam, constant LR with a final linear decay, no wandb, no checkpoints."""
+    return SAETrainerConfig(total_training_samples=steps * batch_size, train_batch_size_samples=batch_size, lr=lr,
+                            lr_end=lr, lr_decay_steps=decay_steps, device=str(device),
+                            logger=LoggingConfig(log_to_wandb=False))
+
+
+# ---------------------------------------------------------------- files
+
+def save_sae(sae: SAE, path: str | os.PathLike, metadata: dict | None = None, overwrite: bool = False) -> Path:
+    """Write ``sae`` with SAELens's ``save_model`` (float16 safetensors + ``cfg.json``) into the folder ``path``.
+
+    ``metadata`` (JSON-serialisable: model name, hook name, layer, eval numbers, ...) is merged into
+    ``cfg.metadata``. Written into a temporary folder beside ``path`` and renamed into place, so a failed save
+    leaves nothing half-written; with ``overwrite`` an existing folder is replaced only once the new one is complete.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True or choose another path")
+    try:
+        json.dumps(metadata or {}, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"metadata must be JSON-serialisable (no NaN): {e}") from e
+    stored = copy.deepcopy(sae).to(device="cpu", dtype=torch.float16)
+    if not all(torch.isfinite(t).all() for t in stored.state_dict().values()):
+        raise ValueError("the SAE weights overflow float16 (or are not finite); they cannot be stored in float16")
+    for key, value in (metadata or {}).items():
+        stored.cfg.metadata[key] = value
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    old = tmp.with_name(tmp.name + ".old")
+    try:
+        stored.save_model(tmp)
+        if path.exists():
+            os.replace(path, old)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if old.exists():
+                os.replace(old, path)  # put the previous SAE back
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def load_sae(path: str | os.PathLike, device: str | torch.device = "cpu") -> SAE:
+    """An SAE saved by :func:`save_sae` (or any SAELens ``save_model`` folder), in float32 on ``device``.
+
+    Raises FileNotFoundError naming the missing file, and ValueError for a file that cannot be read (truncated,
+    corrupt) or weights that do not match the config.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"no SAE folder at {path}")
+    missing = [name for name in (SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME) if not (path / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{path} is not a complete SAE folder: missing {', '.join(missing)}")
+    try:
+        return SAE.load_from_disk(path, device=str(device), dtype="float32").eval()
+    except (json.JSONDecodeError, SafetensorError, RuntimeError, KeyError, TypeError) as e:
+        raise ValueError(f"cannot read the SAE in {path} (truncated or corrupt file, or weights that do not match "
+                         f"{SAE_CFG_FILENAME}?): {e}") from e
+
+
+def load_pretrained_sae(release: str, sae_id: str, device: str | torch.device = "cpu") -> SAE:
+    """A published SAE through SAELens (``SAE.from_pretrained``), e.g. Gemma Scope or Llama Scope.
+
+    ``release`` / ``sae_id`` as listed in SAELens's pretrained directory, e.g. ``("gemma-scope-2b-pt-res-canonical",
+    "layer_12/width_16k/canonical")`` or ``("llama_scope_lxr_8x", "l15r_8x")``. Needs the network or a local
+    Hugging Face cache; unknown names raise SAELens's ValueError listing the valid ones.
+    """
+    try:
+        return SAE.from_pretrained(release, sae_id, device=str(device)).eval()
+    except OSError as e:
+        raise OSError(f"cannot download SAE {release!r} / {sae_id!r}: no network access and not in the local "
+                      f"Hugging Face cache ({type(e).__name__}). Connect once to cache it, or train one with "
+                      f"steering.sae.train_sae.") from e
+
+
+# ---------------------------------------------------------------- evaluation
+
+def reconstruct(sae: SAE, x: torch.Tensor) -> torch.Tensor:
+    """``decode(encode(x))`` in the SAE's dtype and device, returned in ``x``'s dtype and device."""
+    return sae.decode(sae.encode(x.to(device=sae.device, dtype=sae.dtype))).to(device=x.device, dtype=x.dtype)
+
+
+@torch.no_grad()
+def evaluate_sae(sae: SAE, acts: torch.Tensor, batch_size: int = 4096) -> dict[str, float]:
+    """Reconstruction quality on (held-out) activations ``[n_tokens, d_in]``.
+
+    ``explained_variance`` = 1 - E||x - x_hat||^2 / Var(x) (SAELens's ``ExplainedVarianceCalculator``), ``l0`` =
+    mean number of active latents per token, ``mse`` = E||x - x_hat||^2, ``dead_fraction`` = share of latents that
+    never fire on these activations.
+    """
+    _check_acts(acts, sae.cfg.d_in)
+    variance = ExplainedVarianceCalculator()
+    active = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=sae.device)
+    l0_sum = 0.0
+    for batch in acts.split(batch_size):
+        batch = batch.to(device=sae.device, dtype=torch.float32)
+        latents = sae.encode(batch)
+        variance.add_batch(sae.decode(latents).float(), batch)
+        fired = latents != 0
+        l0_sum += fired.sum().item()
+        active |= fired.any(0)
+    n = acts.shape[0]
+    return {"explained_variance": variance.compute(), "l0": l0_sum / n,
+            "mse": variance.sum_squared_residual / n, "dead_fraction": 1 - active.float().mean().item(),
+            "n_tokens": n}
+
+
+def _token_ids(model: ModelHandle, prompts: Sequence[str] | Sequence[Sequence[int]]) -> list[list[int]]:
+    """Token ids of texts (with the tokenizer's special tokens) or of lists of ids given as they are."""
+    if isinstance(prompts, str) or not len(prompts):
+        raise ValueError("give a non-empty list of texts or of token-id lists")
+    if all(isinstance(p, str) for p in prompts):
+        return model.tokenizer(list(prompts))["input_ids"]
+    if all(isinstance(p, (list, tuple, torch.Tensor)) for p in prompts):
+        return [[int(t) for t in p] for p in prompts]
+    raise ValueError("every prompt must be a string (or every prompt a list of token ids)")
+
+
+def _right_pad(model: ModelHandle, ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, ids))
+    pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.bool)
+    for row, seq in enumerate(ids):
+        input_ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, :len(seq)] = True
+    return input_ids.to(model.device), mask.to(model.device)
+
+
+def sae_positions(model: ModelHandle, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Where the SAE acts: real tokens except BOS (whose outsized residual SAEs are not trained on)."""
+    bos = model.tokenizer.bos_token_id
+    return mask & (input_ids != bos) if bos is not None else mask
+
+
+@contextlib.contextmanager
+def _edit_residual(model: ModelHandle, layer: int, edit: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Replace the residual stream entering decoder block ``layer`` by ``edit(hidden)`` for the duration."""
+    def hook(module, args, kwargs):
+        if args:
+            return (edit(args[0]), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": edit(kwargs["hidden_states"])}
+
+    handle = decoder_layers(model.hf_model)[layer].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _summed_ce(model: ModelHandle, input_ids: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:
+    """Summed next-token cross-entropy over real target tokens, and their count."""
+    logits = model.hf_model(input_ids=input_ids, attention_mask=mask.long(), use_cache=False).logits[:, :-1]
+    targets = mask[:, 1:]
+    ce = torch.nn.functional.cross_entropy(logits[targets].float(), input_ids[:, 1:][targets], reduction="sum")
+    return ce.item(), int(targets.sum())
+
+
+@torch.no_grad()
+def reconstruction_ce(model: ModelHandle, sae: SAE, layer: int,
+                      prompts: Sequence[str] | Sequence[Sequence[int]], batch_size: int = 8,
+                      max_length: int = 256) -> dict[str, float]:
+    """Next-token cross-entropy with the residual entering block ``layer`` clean, SAE-reconstructed, zero-ablated.
+
+    ``prompts``: held-out texts or token-id lists, each cut to ``max_length`` tokens. The reconstruction (resp.
+    zeros) replaces the residual at every real token except BOS. ``ce_loss_recovered`` = (CE_zero - CE_sae) /
+    (CE_zero - CE_clean): 1 for a perfect reconstruction, 0 for one as bad as zeros.
+    """
+    if not 0 <= layer < model.n_layers:
+        raise ValueError(f"layer must be in 0..{model.n_layers - 1}, got {layer}")
+    if sae.cfg.d_in != model.d_model:
+        raise ValueError(f"the SAE has d_in={sae.cfg.d_in}, the model d_model={model.d_model}")
+    ids = [seq[:max_length] for seq in _token_ids(model, prompts)]
+    if any(len(seq) < 2 for seq in ids):
+        raise ValueError("every prompt needs at least 2 tokens to score next-token loss")
+    totals = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_zero_ablation": 0.0}
+    count = 0
+    for start in range(0, len(ids), batch_size):
+        input_ids, mask = _right_pad(model, ids[start:start + batch_size])
+        where = sae_positions(model, input_ids, mask).unsqueeze(-1)
+        edits = {"ce_clean": None, "ce_sae": lambda h: torch.where(where, reconstruct(sae, h), h),
+                 "ce_zero_ablation": lambda h: torch.where(where, torch.zeros_like(h), h)}
+        for name, edit in edits.items():
+            with _edit_residual(model, layer, edit) if edit else contextlib.nullcontext():
+                ce, n = _summed_ce(model, input_ids, mask)
+            totals[name] += ce
+        count += n
+    result = {name: total / count for name, total in totals.items()}
+    gap = result["ce_zero_ablation"] - result["ce_clean"]
+    if gap <= 0:
+        raise ValueError(f"zero-ablating layer {layer} does not raise the loss ({result}): CE recovered is undefined")
+    result["ce_loss_recovered"] = (result["ce_zero_ablation"] - result["ce_sae"]) / gap
+    return result
+
+
+def ce_loss_recovered(model: ModelHandle, sae: SAE, layer: int,
+                      prompts: Sequence[str] | Sequence[Sequence[int]], batch_size: int = 8,
+                      max_length: int = 256) -> float:
+    """Fraction of cross-entropy loss recovered by the SAE at ``layer`` (see :func:`reconstruction_ce`)."""
+    return reconstruction_ce(model, sae, layer, prompts, batch_size, max_length)["ce_loss_recovered"]

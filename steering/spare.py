@@ -1,0 +1,338 @@
+"""SpARE (Zhao et al., 2024): steer which knowledge a model uses, its context or its memory, by editing the SAE
+latents that carry the choice.
+
+    python -m steering.spare --model embedded --dataset known_facts --out runs/spare
+
+Steps: answer conflict prompts (a context that contradicts a fact) with no edit and group them by behaviour;
+probe every layer for whether the context conflicts with memory; at the SAE layers, rank latents by mutual
+information with the behaviour and keep the top proportion, split by which behaviour activates them more; at
+inference, take away the undesired behaviour's latents and add the desired one's expected activation, on the last
+prompt token and on every generated token. Baseline: activation addition of the difference in means between the
+two behaviour groups at the same layers. Both strengths are tuned on a validation split; exact match is reported
+on a held-out test split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Literal, Mapping, Sequence
+
+import torch
+
+from probes.cache import decoder_layers, extract, residual_hooks
+from probes.conflict import (USES_CONTEXT, USES_MEMORY, ConflictExample, conflict_prompts, exact_match,
+                             generate_answers, group_by_behaviour)
+from probes.linear import LogisticProbe
+from probes.models import ModelHandle, load_model
+from steering.mutual_info import mutual_information, select_latents
+
+Target = Literal["context", "memory"]
+Edit = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class BehaviourLatents:
+    """The latents of one SAE chosen for each behaviour, with their expected activations per behaviour group."""
+
+    layer: int
+    mi: torch.Tensor            # [d_sae] mutual information with the behaviour label (nats)
+    context: torch.Tensor       # indices of selected latents more active when the model uses the context
+    memory: torch.Tensor        # ... when it uses its memory
+    mean_context: torch.Tensor  # [d_sae] mean activation over prompts answered from the context
+    mean_memory: torch.Tensor   # [d_sae] ... from memory
+
+
+@torch.no_grad()
+def behaviour_latents(sae, acts: torch.Tensor, uses_context: torch.Tensor, layer: int,
+                      proportion: float = 0.01) -> BehaviourLatents:
+    """Rank the SAE's latents on ``acts`` [n, d] (residual stream at the edited position) by mutual information
+    with ``uses_context`` [n] (bool) and split the top ``proportion`` by the group in which each is more active."""
+    uses_context = torch.as_tensor(uses_context, dtype=torch.bool, device=acts.device)
+    if uses_context.all() or not uses_context.any():
+        raise ValueError("need prompts of both behaviours (some answered from the context, some from memory)")
+    z = sae.encode(acts.to(sae.W_dec.dtype)).float()
+    mi = mutual_information(z, uses_context)
+    top = select_latents(mi, proportion).to(z.device)
+    mean_c, mean_m = z[uses_context].mean(0), z[~uses_context].mean(0)
+    favours_context = mean_c[top] > mean_m[top]
+    return BehaviourLatents(layer, mi.cpu(), top[favours_context], top[~favours_context], mean_c, mean_m)
+
+
+def spare_edit(sae, latents: BehaviourLatents, target: Target, strength: float = 1.0) -> Edit:
+    """``h -> delta``: remove the undesired behaviour's active latents and raise the desired behaviour's latents up
+    to their expected activation, both through the SAE decoder, scaled by ``strength``."""
+    if target not in ("context", "memory"):
+        raise ValueError(f"target must be 'context' or 'memory', got {target!r}")
+    keep, drop = (latents.context, latents.memory) if target == "context" else (latents.memory, latents.context)
+    expected = (latents.mean_context if target == "context" else latents.mean_memory)[keep]
+    w_keep, w_drop = sae.W_dec[keep].detach().float(), sae.W_dec[drop].detach().float()
+
+    @torch.no_grad()
+    def edit(h: torch.Tensor) -> torch.Tensor:
+        z = sae.encode(h.to(sae.W_dec.dtype)).float()
+        delta = (expected - z[:, keep]).clamp(min=0) @ w_keep - z[:, drop] @ w_drop
+        return (strength * delta).to(h.dtype)
+    return edit
+
+
+def add_edit(direction: torch.Tensor, coeff: float) -> Edit:
+    """``h -> coeff * direction`` for every row: activation addition."""
+    return lambda h: (coeff * direction).to(device=h.device, dtype=h.dtype).expand_as(h)
+
+
+@contextlib.contextmanager
+def edit_last_token(model: ModelHandle, edits: Mapping[int, Edit]) -> Iterator[None]:
+    """Add ``edits[layer](h)`` to the residual stream entering block ``layer`` at the last position of every forward
+    pass: the last prompt token (prompts are left-padded), then each generated token (one per cached step)."""
+    blocks = decoder_layers(model.hf_model)
+    bad = [layer for layer in edits if not 0 <= layer < len(blocks)]
+    if bad:
+        raise ValueError(f"layers {bad} outside 0..{len(blocks) - 1}")
+
+    def make(edit: Edit):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            hidden = hidden.clone()
+            hidden[:, -1] += edit(hidden[:, -1])
+            if args:
+                return (hidden, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": hidden}
+        return hook
+
+    with contextlib.ExitStack() as stack:
+        for layer, edit in edits.items():
+            stack.callback(blocks[layer].register_forward_pre_hook(make(edit), with_kwargs=True).remove)
+        yield
+
+
+def exact_match_rate(answers: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    """Fraction of answers matching one of their references after QA normalisation."""
+    if not answers or len(answers) != len(references):
+        raise ValueError(f"{len(answers)} answers for {len(references)} references")
+    return sum(exact_match(a, r) for a, r in zip(answers, references)) / len(answers)
+
+
+def split(examples: Sequence[ConflictExample], fractions: tuple[float, float] = (0.6, 0.2), seed: int = 0
+          ) -> dict[str, list[ConflictExample]]:
+    """Seeded train / val / test split (the rest after the two fractions goes to test)."""
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    a, b = int(len(order) * fractions[0]), int(len(order) * sum(fractions))
+    parts = {"train": order[:a], "val": order[a:b], "test": order[b:]}
+    if not all(parts.values()):
+        raise ValueError(f"{len(examples)} examples are too few for a train/val/test split")
+    return {k: [examples[i] for i in v] for k, v in parts.items()}
+
+
+def conflict_probe(model: ModelHandle, train: Sequence[ConflictExample], test: Sequence[ConflictExample],
+                   C: float = 1.0, progress: bool = True) -> list[float]:
+    """Test accuracy per layer (embeddings, then after each block) of a logistic probe telling a conflicting
+    (substituted) context from the original one, at the last prompt token."""
+    def data(examples):
+        prompts = conflict_prompts(examples, "sub") + conflict_prompts(examples, "org")
+        acts = extract(model, prompts, hooks=residual_hooks(model), progress=progress).acts.float()
+        return acts, torch.tensor([1] * len(examples) + [0] * len(examples), device=acts.device)
+
+    x_train, y_train = data(train)
+    x_test, y_test = data(test)
+    probe = LogisticProbe(C=C).fit(x_train, y_train)
+    return [float(a) for a in probe.score(x_test, y_test)]
+
+
+def residual_at(model: ModelHandle, prompts: Sequence[str], layers: Sequence[int], progress: bool = True
+                ) -> torch.Tensor:
+    """Residual stream entering each of ``layers`` at the last prompt token: [n, len(layers), d]."""
+    hooks = [f"blocks.{layer}.hook_resid_pre" for layer in layers]
+    return extract(model, prompts, hooks=hooks, padding_side="left", progress=progress).acts.float()
+
+
+@dataclass
+class Steering:
+    """Fitted SpARE latents and activation-addition directions, one per layer."""
+
+    saes: Mapping[int, object]
+    latents: dict[int, BehaviourLatents]
+    directions: dict[int, torch.Tensor]  # mean(uses context) - mean(uses memory), residual stream
+
+    def edits(self, method: str, target: Target, strength: float) -> dict[int, Edit]:
+        """Edits at every layer for ``method`` "spare" or "actadd" toward ``target``."""
+        if method == "spare":
+            return {l: spare_edit(self.saes[l], self.latents[l], target, strength) for l in self.latents}
+        if method == "actadd":
+            sign = 1.0 if target == "context" else -1.0
+            return {l: add_edit(d, sign * strength) for l, d in self.directions.items()}
+        raise ValueError(f"method must be 'spare' or 'actadd', got {method!r}")
+
+
+def fit_steering(model: ModelHandle, saes: Mapping[int, object], examples: Sequence[ConflictExample],
+                 labels: Sequence[str], proportion: float = 0.01, progress: bool = True) -> Steering:
+    """Latents and directions from the training examples answered from the context or from memory."""
+    keep = [i for i, g in enumerate(labels) if g in (USES_CONTEXT, USES_MEMORY)]
+    layers = sorted(saes)
+    acts = residual_at(model, conflict_prompts([examples[i] for i in keep], "sub"), layers, progress)
+    uses_context = torch.tensor([labels[i] == USES_CONTEXT for i in keep], device=acts.device)
+    latents = {l: behaviour_latents(saes[l], acts[:, j], uses_context, l, proportion) for j, l in enumerate(layers)}
+    directions = {l: acts[uses_context, j].mean(0) - acts[~uses_context, j].mean(0) for j, l in enumerate(layers)}
+    return Steering(saes, latents, directions)
+
+
+def steered_answers(model: ModelHandle, prompts: Sequence[str], edits: Mapping[int, Edit], max_new_tokens: int,
+                    progress: bool = False) -> list[str]:
+    """Greedy answers with ``edits`` applied (none: the unedited model)."""
+    with edit_last_token(model, edits):
+        return generate_answers(model, prompts, max_new_tokens=max_new_tokens, progress=progress)
+
+
+def references(examples: Sequence[ConflictExample], target: Target) -> list[tuple[str, ...]]:
+    """The answers that count as ``target`` behaviour: the substituted context's, or the memorised ones."""
+    return [e.sub_answers if target == "context" else e.org_answers for e in examples]
+
+
+def tune(model: ModelHandle, steering: Steering, val: Sequence[ConflictExample], method: str, target: Target,
+         strengths: Sequence[float], max_new_tokens: int) -> tuple[float, dict[float, float]]:
+    """The strength with the best validation exact match for ``target`` and the whole curve."""
+    prompts, refs = conflict_prompts(val, "sub"), references(val, target)
+    curve = {s: exact_match_rate(steered_answers(model, prompts, steering.edits(method, target, s),
+                                                 max_new_tokens), refs) for s in strengths}
+    return max(curve, key=curve.get), curve
+
+
+@dataclass
+class Experiment:
+    """The split, the unedited behaviour on each part and the steering fitted on the training part."""
+
+    parts: dict[str, list[ConflictExample]]
+    groups: dict[str, list[str]]
+    steering: Steering
+
+
+def prepare(model: ModelHandle, examples: Sequence[ConflictExample], saes: Mapping[int, object],
+            proportion: float = 0.01, max_new_tokens: int = 8, seed: int = 0, progress: bool = True) -> Experiment:
+    """Split, answer every substituted-context prompt unedited, group by behaviour, fit latents and directions."""
+    if not saes:
+        raise ValueError("need at least one SAE (a mapping layer -> SAE)")
+    parts = split(examples, seed=seed)
+    groups = {k: group_by_behaviour(generate_answers(model, conflict_prompts(v, "sub"),
+                                                     max_new_tokens=max_new_tokens, progress=progress), v)
+              for k, v in parts.items()}
+    return Experiment(parts, groups, fit_steering(model, saes, parts["train"], groups["train"], proportion, progress))
+
+
+def report(model: ModelHandle, experiment: Experiment, out: Path, spare_strengths: Sequence[float] = (0.5, 1, 2, 4),
+           actadd_strengths: Sequence[float] = (0.5, 1, 2, 4), max_new_tokens: int = 8, dataset: str = "",
+           progress: bool = True) -> dict:
+    """Conflict probe, strengths tuned on validation, exact match on test; writes ``OUT/results.json``
+    (DESIGN.md contract) and the figures."""
+    start = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    parts, steering = experiment.parts, experiment.steering
+    accuracy = conflict_probe(model, parts["train"], parts["test"], progress=progress)
+    results: dict = {"model": model.name, "dataset": dataset, "layers": list(range(len(accuracy))),
+                     "conflict_probe_accuracy": accuracy, "spare_layers": sorted(steering.latents),
+                     "n": {k: len(v) for k, v in parts.items()},
+                     "behaviour_counts": {k: {g: v.count(g) for g in sorted(set(v))}
+                                          for k, v in experiment.groups.items()},
+                     "latents": {l: {"context": s.context.tolist(), "memory": s.memory.tolist(),
+                                     "mi": s.mi[torch.cat([s.context, s.memory]).cpu()].tolist()}
+                                 for l, s in steering.latents.items()},
+                     "tuning": {}}
+    test_prompts = conflict_prompts(parts["test"], "sub")
+    for target in ("context", "memory"):
+        refs = references(parts["test"], target)
+        scores = {"no_edit": exact_match_rate(steered_answers(model, test_prompts, {}, max_new_tokens), refs)}
+        for method, grid in (("actadd", actadd_strengths), ("spare", spare_strengths)):
+            best, curve = tune(model, steering, parts["val"], method, target, grid, max_new_tokens)
+            results["tuning"][f"{method}_to_{target}"] = {"strength": best, "val_exact_match": curve}
+            scores[method] = exact_match_rate(steered_answers(
+                model, test_prompts, steering.edits(method, target, best), max_new_tokens), refs)
+        results[f"steer_to_{target}"] = scores
+    results["seconds"] = time.perf_counter() - start
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    from steering import spare_plots
+
+    spare_plots.write_all(results, out)
+    return results
+
+
+def run(model: ModelHandle, examples: Sequence[ConflictExample], saes: Mapping[int, object], out: Path,
+        proportion: float = 0.01, spare_strengths: Sequence[float] = (0.5, 1, 2, 4),
+        actadd_strengths: Sequence[float] = (0.5, 1, 2, 4), max_new_tokens: int = 8, seed: int = 0,
+        dataset: str = "", progress: bool = True) -> dict:
+    """The whole experiment on ``examples``: :func:`prepare` then :func:`report`."""
+    experiment = prepare(model, examples, saes, proportion, max_new_tokens, seed, progress)
+    return report(model, experiment, out, spare_strengths, actadd_strengths, max_new_tokens, dataset, progress)
+
+
+def load_saes(model: ModelHandle, layers: Sequence[int] | None, sae_dir: Path | None = None,
+              release: str | None = None, sae_id: str | None = None) -> dict[int, object]:
+    """SAEs by layer: from ``sae_dir`` (``layer_<L>`` folders written by :func:`steering.sae.save_sae`; default
+    ``data/sae/<model>``), or pretrained through SAELens (``release`` and an ``sae_id`` with ``{layer}`` in it)."""
+    from steering.sae import SAE_DIR, load_pretrained_sae, load_sae
+
+    if release:
+        if not sae_id or "{layer}" not in sae_id or not layers:
+            raise ValueError("a pretrained release needs --layers and an --sae-id containing {layer}, e.g. "
+                             "'layer_{layer}/width_16k/canonical'")
+        return {l: load_pretrained_sae(release, sae_id.format(layer=l), model.device) for l in layers}
+    sae_dir = sae_dir or SAE_DIR / model.name.replace("/", "--")
+    found = {int(p.name.split("_")[1]): p for p in sorted(sae_dir.glob("layer_*")) if p.is_dir()}
+    if not found:
+        raise FileNotFoundError(f"no SAEs under {sae_dir}; train them with `python -m steering.train_saes --model "
+                                f"{model.name}` or pass --sae-release/--sae-id")
+    missing = [l for l in layers or [] if l not in found]
+    if missing:
+        raise ValueError(f"no SAE for layer(s) {missing} under {sae_dir}; there are {sorted(found)}")
+    return {l: load_sae(found[l], model.device) for l in (layers or sorted(found))}
+
+
+def conflict_examples(model: ModelHandle, dataset: str, n: int | None, seed: int = 0) -> list[ConflictExample]:
+    """``known_facts`` (the model's own, built once and cached in ``data/known_facts``) or ``nqswap``."""
+    from probes.conflict import known_facts, nqswap_examples
+    from probes.datasets import load_nqswap
+
+    if dataset == "known_facts":
+        examples = known_facts(model)
+        return examples if n is None else random.Random(seed).sample(examples, min(n, len(examples)))
+    if dataset == "nqswap":
+        return nqswap_examples(load_nqswap(n=n, seed=seed))
+    raise ValueError(f"unknown dataset {dataset!r}; choose known_facts or nqswap")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="embedded")
+    parser.add_argument("--dataset", default="known_facts", choices=("known_facts", "nqswap"))
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--n", type=int, default=None, help="examples used (default: all)")
+    parser.add_argument("--layers", default=None, help="SAE layers to edit, e.g. 9,12 (default: every shipped SAE)")
+    parser.add_argument("--sae-dir", type=Path, default=None)
+    parser.add_argument("--sae-release", default=None, help="SAELens release of pretrained SAEs, e.g. gemma-scope-2b-pt-res-canonical")
+    parser.add_argument("--sae-id", default=None, help="SAE id with {layer}, e.g. 'layer_{layer}/width_16k/canonical'")
+    parser.add_argument("--proportion", type=float, default=0.01, help="top proportion of latents by MI")
+    parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default=None)
+    args = parser.parse_args(argv)
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+    saes = load_saes(model, layers, args.sae_dir, args.sae_release, args.sae_id)
+    examples = conflict_examples(model, args.dataset, args.n, args.seed)
+    results = run(model, examples, saes, args.out, proportion=args.proportion, max_new_tokens=args.max_new_tokens,
+                  seed=args.seed, dataset=args.dataset)
+    best = max(range(len(results["conflict_probe_accuracy"])), key=results["conflict_probe_accuracy"].__getitem__)
+    print(f"conflict probe: best layer {best}, accuracy {results['conflict_probe_accuracy'][best]:.3f}")
+    for target in ("steer_to_context", "steer_to_memory"):
+        print(f"{target:17s} " + "  ".join(f"{k} {v:.3f}" for k, v in results[target].items()))
+    print(f"wrote {args.out / 'results.json'}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
