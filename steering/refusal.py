@@ -165,9 +165,21 @@ def score_candidates(model: ModelHandle, candidates: CandidateDirections, harmfu
 
 
 def select(scores: Sequence[CandidateScore]) -> CandidateScore:
-    """The kept candidate whose ablation lowers the harmful refusal score most (all candidates if none kept)."""
-    kept = [s for s in scores if s.kept] or list(scores)
-    return min(kept, key=lambda s: s.ablation_refusal)
+    """The kept candidate whose ablation lowers the harmful refusal score most.
+
+    When no candidate passes the KL filter, the filter is relaxed rather than dropped: among candidates whose
+    addition induces refusal and whose ablation removes it (scores > 0 and < 0), the one with the smallest KL;
+    failing that, the smallest KL among those whose addition induces refusal, then among all. ``kept`` on the
+    returned score tells which case applied.
+    """
+    if not scores:
+        raise ValueError("no candidates to select from")
+    kept = [s for s in scores if s.kept]
+    if kept:
+        return min(kept, key=lambda s: s.ablation_refusal)
+    inducing = [s for s in scores if s.addition_refusal > 0]
+    both = [s for s in inducing if s.ablation_refusal < 0]
+    return min(both or inducing or list(scores), key=lambda s: s.kl)
 
 
 def selection_heatmaps(scores: Sequence[CandidateScore]):
@@ -272,7 +284,8 @@ def run(model: ModelHandle, out: Path, n_train: int = 128, n_val: int = 32, n_te
                "kl_harmless_ablation": kl, "max_abs_logit_diff_orthogonalized_vs_hooks": logit_diff,
                "checkpoint": str(checkpoint),
                "loss_harmless_baseline_answers": loss, "selection": asdict(best),
-               "n_candidates": len(scores), "n_kept": sum(s.kept for s in scores), "settings": meta,
+               "n_candidates": len(scores), "n_kept": sum(s.kept for s in scores),
+               "kl_filter_relaxed": not best.kept, "settings": meta,
                "seconds": time.perf_counter() - start}
     (out / "completions.json").write_text(json.dumps(
         {k: [{"instruction": i, "completion": c} for i, c in zip(prompts[k], v)] for k, v in gens.items()},

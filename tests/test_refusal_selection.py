@@ -53,7 +53,12 @@ def test_select_prefers_kept_candidates():
     s = [refusal.CandidateScore(-1, 3, -5.0, 1.0, 0.5, False), refusal.CandidateScore(-2, 4, -1.0, 2.0, 0.01, True),
          refusal.CandidateScore(-1, 5, -2.0, 0.5, 0.02, True)]
     assert refusal.select(s) is s[2]
-    assert refusal.select([s[0]]) is s[0]  # nothing kept: the best of all
+    # nothing kept: the KL filter is relaxed among candidates that both induce and remove refusal
+    loose = [refusal.CandidateScore(-1, 2, -9.0, -3.0, 7.0, False), refusal.CandidateScore(-1, 9, -2.0, 3.0, 0.3, False),
+             refusal.CandidateScore(-1, 8, -4.0, 3.0, 0.5, False), refusal.CandidateScore(-2, 8, 1.0, 2.0, 0.05, False)]
+    assert refusal.select(loose) is loose[1]
+    assert refusal.select(loose[3:]) is loose[3]
+    assert refusal.select([s[0]]) is s[0]
     fig = refusal.selection_heatmaps(s)
     assert [t.type for t in fig.data] == ["heatmap"] * 3
 
