@@ -270,9 +270,15 @@ def _right_pad(model: ModelHandle, ids: list[list[int]]) -> tuple[torch.Tensor, 
 
 
 def sae_positions(model: ModelHandle, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Where the SAE acts: real tokens except BOS (whose outsized residual SAEs are not trained on)."""
+    """Where the SAE acts in right-padded ``input_ids``: real tokens except the first of each sequence and BOS.
+
+    The first token is an attention sink with a residual norm tens of times the others (with or without a BOS
+    token); training on it would dominate the normalisation and the explained variance, so SAEs skip it.
+    """
+    keep = mask.clone()
+    keep[:, 0] = False
     bos = model.tokenizer.bos_token_id
-    return mask & (input_ids != bos) if bos is not None else mask
+    return keep & (input_ids != bos) if bos is not None else keep
 
 
 @contextlib.contextmanager
