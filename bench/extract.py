@@ -14,13 +14,10 @@ from typing import Callable
 
 import torch
 
+from bench.timing import sync
+
 from probes.cache import extract, residual_hooks
 from probes.models import load_model
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
@@ -28,10 +25,10 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float
     fn()
     best = float("inf")
     for _ in range(repeats):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         best = min(best, time.perf_counter() - start)
     return best
 

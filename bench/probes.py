@@ -17,6 +17,8 @@ import time
 
 import numpy as np
 import torch
+
+from bench.timing import sync
 from sklearn.linear_model import RidgeCV
 from sklearn.metrics import r2_score
 
@@ -36,18 +38,13 @@ def make_data(n: int, layers: int, d: int, seed: int = 0) -> tuple[np.ndarray, n
     return x, y
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_ours(x: torch.Tensor, y: np.ndarray, split: int) -> tuple[float, np.ndarray, np.ndarray]:
     """Seconds for fit + predict, the held-out R² per layer and the chosen alphas."""
-    _sync(x.device)
+    sync(x.device)
     start = time.perf_counter()
     probe = RidgeProbe(DEFAULT_ALPHAS).fit(x[:split], y[:split])
     pred = probe.predict(x[split:])
-    _sync(x.device)
+    sync(x.device)
     seconds = time.perf_counter() - start
     return seconds, np.array([r2_score(y[split:], p) for p in pred.cpu().numpy()]), probe.alpha_
 

@@ -9,27 +9,17 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 import steering  # noqa: F401  (registers embedded-refuser)
+from bench.timing import timed
 from probes.datasets import load_refusal_instructions
 from probes.models import load_model
 from steering.directions import diff_in_means
 from steering.orthogonalize import orthogonalize, save_checkpoint
 from steering.refusal import score_candidates, select
-
-
-def _timed(fn, device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    value = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start, value
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -46,13 +36,13 @@ def main(argv: list[str] | None = None) -> dict:
     data = {(kind, split): load_refusal_instructions(split, kind)
             for kind in ("harmful", "harmless") for split in ("train", "val")}
     layers = list(range(0, model.n_layers, args.layer_step))
-    t, candidates = _timed(lambda: diff_in_means(model, data["harmful", "train"][:args.n_train],
+    t, candidates = timed(lambda: diff_in_means(model, data["harmful", "train"][:args.n_train],
                                                  data["harmless", "train"][:args.n_train], layers=layers,
                                                  progress=False), model.device)
     rows = {f"directions (diff in means, {args.n_train}+{args.n_train} prompts, {len(layers)} layers)": t}
     scores = {}
     for mix, label in ((True, "many candidates per pass"), (False, "one candidate at a time")):
-        t, scores[mix] = _timed(lambda: score_candidates(model, candidates, data["harmful", "val"][:args.n_val],
+        t, scores[mix] = timed(lambda: score_candidates(model, candidates, data["harmful", "val"][:args.n_val],
                                                          data["harmless", "val"][:args.n_val],
                                                          batch_size=args.batch_size, mix_candidates=mix,
                                                          progress=False), model.device)
@@ -61,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     best = select(scores[True])
     direction = candidates.get(best.position, best.layer).float()
     with tempfile.TemporaryDirectory() as tmp:
-        t, _ = _timed(lambda: save_checkpoint(orthogonalize(model, direction), Path(tmp) / "ckpt", direction,
+        t, _ = timed(lambda: save_checkpoint(orthogonalize(model, direction), Path(tmp) / "ckpt", direction,
                                               best.layer, best.position), model.device)
     rows["orthogonalize + save checkpoint"] = t
     where = torch.cuda.get_device_name() if model.device.type == "cuda" else "CPU"

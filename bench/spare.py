@@ -11,10 +11,11 @@ magnitudes), with a planted set of latents whose firing rate depends on the labe
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import torch
+
+from bench.timing import timed
 
 from steering.mutual_info import mutual_information, mutual_information_sklearn, select_latents
 
@@ -31,16 +32,6 @@ def make_latents(n: int, n_latents: int, density: float = 0.02, n_informative: i
     return active * magnitude, labels
 
 
-def _timed(fn, device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    value = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start, value
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=2000)
@@ -53,8 +44,8 @@ def main(argv: list[str] | None = None) -> dict:
     acts, labels = make_latents(args.n, args.latents)
     acts_device, labels_device = acts.to(device), labels.to(device)
     mutual_information(acts_device[:64], labels_device[:64], args.bins)  # warm-up (kernels, allocator)
-    t_ours, ours = _timed(lambda: mutual_information(acts_device, labels_device, args.bins), device)
-    t_sk, reference = _timed(lambda: mutual_information_sklearn(acts, labels, args.bins), torch.device("cpu"))
+    t_ours, ours = timed(lambda: mutual_information(acts_device, labels_device, args.bins), device)
+    t_sk, reference = timed(lambda: mutual_information_sklearn(acts, labels, args.bins), torch.device("cpu"))
     ours = ours.cpu().numpy()
     top_ours = set(select_latents(torch.as_tensor(ours), args.proportion).tolist())
     top_sk = set(select_latents(torch.as_tensor(reference), args.proportion).tolist())

@@ -16,9 +16,7 @@ import argparse
 import json
 import math
 import random
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from probes.datasets import DATA_DIR, load_refusal_instructions
+from probes.files import atomic_folder
 from probes.models import EMBEDDED_HF_ID, ModelHandle, _resolve, embedded_checkpoint, wrap
 from steering.generation import answer_batch, answer_loss, chat_token_ids, generate
 
@@ -123,9 +122,7 @@ def train(out: Path, n_harmful: int = 260, n_harmless: int = 260, epochs: int = 
     model.eval()
     for p in model.parameters():
         p.data = p.data.to(torch.float16) if p.requires_grad else p.data
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out, overwrite=True) as tmp:
         model.save_pretrained(tmp)
         record = {"command": " ".join(["python -m steering.organism", *sys.argv[1:]]), "settings": settings,
                   "base_model": EMBEDDED_HF_ID, "n_examples": len(examples), "steps": steps,
@@ -133,11 +130,6 @@ def train(out: Path, n_harmful: int = 260, n_harmless: int = 260, epochs: int = 
                   "torch": torch.__version__}
         (tmp / "training.json").write_text(json.dumps(record, indent=2))
         (tmp / "README.md").write_text(ADAPTER_CARD.format(command=record["command"], **settings))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return record
 
 

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from steering.hooks import residual_writers, unit_direction
+from probes.files import atomic_folder
 from probes.models import ModelHandle
+from steering.hooks import residual_writers, unit_direction
 
 
 def _untie_embeddings(model: ModelHandle) -> bool:
@@ -93,14 +92,8 @@ def save_checkpoint(model: ModelHandle, path: str | os.PathLike, direction: torc
     Written into a temporary folder beside ``path`` and renamed into place: on failure nothing half-written is left,
     and with ``overwrite`` an existing checkpoint is only removed once the new one is complete.
     """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True or choose another path")
     source_model = source_model or (model.name if model.name == model.source else f"{model.name} ({model.source})")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    old = tmp.with_name(tmp.name + ".old")
-    try:
+    with atomic_folder(path, overwrite) as tmp:
         model.hf_model.save_pretrained(tmp)
         model.tokenizer.save_pretrained(tmp)
         save_file({"direction": unit_direction(model, direction).float().cpu().contiguous()},
@@ -111,15 +104,4 @@ def save_checkpoint(model: ModelHandle, path: str | os.PathLike, direction: torc
         (tmp / "README.md").write_text(MODEL_CARD.format(base=model.source, source=source_model, layer=layer,
                                                          position=position, untied=meta["untied_embeddings"],
                                                          notes=notes))
-        if path.exists():
-            os.replace(path, old)
-        try:
-            os.replace(tmp, path)
-        except OSError:
-            if old.exists():
-                os.replace(old, path)  # put the previous checkpoint back
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-    return path
+    return Path(path)

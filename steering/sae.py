@@ -16,8 +16,6 @@ import contextlib
 import copy
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -34,6 +32,7 @@ from tqdm.auto import tqdm
 
 from probes.cache import decoder_layers
 from probes.datasets import DATA_DIR
+from probes.files import atomic_folder
 from probes.models import ModelHandle
 
 ARCHITECTURES = ("standard", "topk")
@@ -151,7 +150,7 @@ def save_sae(sae: SAE, path: str | os.PathLike, metadata: dict | None = None, ov
     leaves nothing half-written; with ``overwrite`` an existing folder is replaced only once the new one is complete.
     """
     path = Path(path)
-    if path.exists() and not overwrite:
+    if path.exists() and not overwrite:  # checked before any work
         raise FileExistsError(f"{path} exists; pass overwrite=True or choose another path")
     try:
         json.dumps(metadata or {}, allow_nan=False)
@@ -162,22 +161,8 @@ def save_sae(sae: SAE, path: str | os.PathLike, metadata: dict | None = None, ov
         raise ValueError("the SAE weights overflow float16 (or are not finite); they cannot be stored in float16")
     for key, value in (metadata or {}).items():
         stored.cfg.metadata[key] = value
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    old = tmp.with_name(tmp.name + ".old")
-    try:
+    with atomic_folder(path, overwrite) as tmp:
         stored.save_model(tmp)
-        if path.exists():
-            os.replace(path, old)
-        try:
-            os.replace(tmp, path)
-        except OSError:
-            if old.exists():
-                os.replace(old, path)  # put the previous SAE back
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
     return path
 
 

@@ -36,7 +36,7 @@ def test_diff_in_means_matches_explicit_means(tiny):
     assert directions.vectors.dtype == torch.float64
     from probes.cache import extract
     from steering.generation import chat_token_ids
-    acts = extract(tiny, chat_token_ids(tiny, harmful + harmless), hooks=[f"blocks.2.hook_resid_pre"],
+    acts = extract(tiny, chat_token_ids(tiny, harmful + harmless), hooks=["blocks.2.hook_resid_pre"],
                    positions=[-1], progress=False).acts[:, 0, 0].double()
     expected = acts[:2].mean(0) - acts[2:].mean(0)
     assert (directions.get(-1, 2) - expected).abs().max() < 1e-5
