@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Literal, Mapping, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from probes.cache import decoder_layers, extract, residual_hooks
 from probes.conflict import (USES_CONTEXT, USES_MEMORY, ConflictExample, conflict_prompts, exact_match,
@@ -195,11 +196,12 @@ def references(examples: Sequence[ConflictExample], target: Target) -> list[tupl
 
 
 def tune(model: ModelHandle, steering: Steering, val: Sequence[ConflictExample], method: str, target: Target,
-         strengths: Sequence[float], max_new_tokens: int) -> tuple[float, dict[float, float]]:
+         strengths: Sequence[float], max_new_tokens: int, progress: bool = True) -> tuple[float, dict[float, float]]:
     """The strength with the best validation exact match for ``target`` and the whole curve."""
     prompts, refs = conflict_prompts(val, "sub"), references(val, target)
     curve = {s: exact_match_rate(steered_answers(model, prompts, steering.edits(method, target, s),
-                                                 max_new_tokens), refs) for s in strengths}
+                                                 max_new_tokens), refs)
+             for s in tqdm(strengths, desc=f"tune {method} to {target}", disable=not progress)}
     return max(curve, key=curve.get), curve
 
 
@@ -247,7 +249,7 @@ def report(model: ModelHandle, experiment: Experiment, out: Path, spare_strength
         refs = references(parts["test"], target)
         scores = {"no_edit": exact_match_rate(steered_answers(model, test_prompts, {}, max_new_tokens), refs)}
         for method, grid in (("actadd", actadd_strengths), ("spare", spare_strengths)):
-            best, curve = tune(model, steering, parts["val"], method, target, grid, max_new_tokens)
+            best, curve = tune(model, steering, parts["val"], method, target, grid, max_new_tokens, progress)
             results["tuning"][f"{method}_to_{target}"] = {"strength": best, "val_exact_match": curve}
             scores[method] = exact_match_rate(steered_answers(
                 model, test_prompts, steering.edits(method, target, best), max_new_tokens), refs)
