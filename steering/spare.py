@@ -34,6 +34,9 @@ from probes.models import ModelHandle, load_model
 from steering.mutual_info import mutual_information, select_latents
 
 Target = Literal["context", "memory"]
+# Edit strengths tried on the validation split (the same grid for SpARE and activation addition). On the embedded
+# model SpARE breaks the answers from strength 1 up, so the grid reaches down to 0.1.
+STRENGTHS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
 Edit = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -226,8 +229,8 @@ def prepare(model: ModelHandle, examples: Sequence[ConflictExample], saes: Mappi
     return Experiment(parts, groups, fit_steering(model, saes, parts["train"], groups["train"], proportion, progress))
 
 
-def report(model: ModelHandle, experiment: Experiment, out: Path, spare_strengths: Sequence[float] = (0.5, 1, 2, 4),
-           actadd_strengths: Sequence[float] = (0.5, 1, 2, 4), max_new_tokens: int = 8, dataset: str = "",
+def report(model: ModelHandle, experiment: Experiment, out: Path, spare_strengths: Sequence[float] = STRENGTHS,
+           actadd_strengths: Sequence[float] = STRENGTHS, max_new_tokens: int = 8, dataset: str = "",
            progress: bool = True) -> dict:
     """Conflict probe, strengths tuned on validation, exact match on test; writes ``OUT/results.json``
     (DESIGN.md contract) and the figures."""
@@ -263,8 +266,8 @@ def report(model: ModelHandle, experiment: Experiment, out: Path, spare_strength
 
 
 def run(model: ModelHandle, examples: Sequence[ConflictExample], saes: Mapping[int, object], out: Path,
-        proportion: float = 0.01, spare_strengths: Sequence[float] = (0.5, 1, 2, 4),
-        actadd_strengths: Sequence[float] = (0.5, 1, 2, 4), max_new_tokens: int = 8, seed: int = 0,
+        proportion: float = 0.01, spare_strengths: Sequence[float] = STRENGTHS,
+        actadd_strengths: Sequence[float] = STRENGTHS, max_new_tokens: int = 8, seed: int = 0,
         dataset: str = "", progress: bool = True) -> dict:
     """The whole experiment on ``examples``: :func:`prepare` then :func:`report`."""
     experiment = prepare(model, examples, saes, proportion, max_new_tokens, seed, progress)
