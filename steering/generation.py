@@ -15,15 +15,24 @@ def chat_token_ids(model: ModelHandle, instructions: Sequence[str]) -> list[list
     return [model.tokenizer(model.format_chat(text), add_special_tokens=False)["input_ids"] for text in instructions]
 
 
-def left_pad(model: ModelHandle, ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+def pad(model: ModelHandle, ids: Sequence[Sequence[int]], side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists padded into one batch on the model's device: (input_ids, attention mask as long)."""
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
     width = max(map(len, ids))
-    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
-    input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+    pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(ids), width), dtype=torch.long)
     for row, seq in enumerate(ids):
-        input_ids[row, width - len(seq):] = torch.tensor(seq)
-        mask[row, width - len(seq):] = 1
+        cols = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
+        input_ids[row, cols] = torch.tensor(list(seq), dtype=torch.long)
+        mask[row, cols] = 1
     return input_ids.to(model.device), mask.to(model.device)
+
+
+def left_pad(model: ModelHandle, ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded batch (generation and last-token reads need the prompts to end in the same column)."""
+    return pad(model, ids, "left")
 
 
 @torch.inference_mode()

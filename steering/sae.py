@@ -34,6 +34,7 @@ from probes.cache import decoder_layers
 from probes.datasets import DATA_DIR
 from probes.files import atomic_folder
 from probes.models import ModelHandle
+from steering.generation import pad
 
 ARCHITECTURES = ("standard", "topk")
 SAE_DIR = DATA_DIR / "sae"  # shipped SAEs: SAE_DIR / <model name> / layer_<L>
@@ -243,17 +244,6 @@ def _token_ids(model: ModelHandle, prompts: Sequence[str] | Sequence[Sequence[in
     raise ValueError("every prompt must be a string (or every prompt a list of token ids)")
 
 
-def _right_pad(model: ModelHandle, ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, ids))
-    pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
-    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.bool)
-    for row, seq in enumerate(ids):
-        input_ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[row, :len(seq)] = True
-    return input_ids.to(model.device), mask.to(model.device)
-
-
 def sae_positions(model: ModelHandle, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Where the SAE acts in right-padded ``input_ids``: real tokens except the first of each sequence and BOS.
 
@@ -309,7 +299,8 @@ def reconstruction_ce(model: ModelHandle, sae: SAE, layer: int,
     totals = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_zero_ablation": 0.0}
     count = 0
     for start in range(0, len(ids), batch_size):
-        input_ids, mask = _right_pad(model, ids[start:start + batch_size])
+        input_ids, mask = pad(model, ids[start:start + batch_size], side="right")
+        mask = mask.bool()
         where = sae_positions(model, input_ids, mask).unsqueeze(-1)
         edits = {"ce_clean": None, "ce_sae": lambda h: torch.where(where, reconstruct(sae, h), h),
                  "ce_zero_ablation": lambda h: torch.where(where, torch.zeros_like(h), h)}
