@@ -11,7 +11,7 @@ many candidate directions be evaluated in a single forward pass (see :func:`stee
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -104,16 +104,28 @@ def add(model: ModelHandle, direction: torch.Tensor, layer: int | Sequence[int],
         rows = torch.tensor(layers, device=model.device)
         per_layer = {l: vectors * (rows == l).unsqueeze(1).to(vectors.dtype) for l in sorted(set(layers))}
 
-    def make(vector):
+    with replace_block_inputs(model, {l: (lambda h, v=v: h + _per_row(v, h)) for l, v in per_layer.items()}):
+        yield
+
+
+@contextlib.contextmanager
+def replace_block_inputs(model: ModelHandle, edits: Mapping[int, Callable[[torch.Tensor], torch.Tensor]]
+                         ) -> Iterator[None]:
+    """Replace the residual stream entering decoder block ``layer`` by ``edits[layer](hidden)`` ([batch, seq, d]) in
+    every forward pass (also each step of ``generate``), for the duration; the hooks are removed on exit."""
+    blocks = decoder_layers(model.hf_model)
+    bad = [layer for layer in edits if not 0 <= layer < len(blocks)]
+    if bad:
+        raise ValueError(f"layers {bad} outside 0..{len(blocks) - 1}")
+
+    def make(edit):
         def hook(module, args, kwargs):
             if args:
-                return (args[0] + _per_row(vector, args[0]), *args[1:]), kwargs
-            hidden = kwargs["hidden_states"]
-            return args, {**kwargs, "hidden_states": hidden + _per_row(vector, hidden)}
+                return (edit(args[0]), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": edit(kwargs["hidden_states"])}
         return hook
 
-    blocks = decoder_layers(model.hf_model)
     with contextlib.ExitStack() as stack:
-        for l, vector in per_layer.items():
-            stack.callback(blocks[l].register_forward_pre_hook(make(vector), with_kwargs=True).remove)
+        for layer, edit in edits.items():
+            stack.callback(blocks[layer].register_forward_pre_hook(make(edit), with_kwargs=True).remove)
         yield

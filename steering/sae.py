@@ -12,12 +12,11 @@ Evaluation splices the reconstruction into ``model.hf_model`` with a forward pre
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 from safetensors import SafetensorError
@@ -30,11 +29,11 @@ from sae_lens.saes.sae import SAEMetadata, TrainingSAE
 from sae_lens.training.sae_trainer import SAETrainer
 from tqdm.auto import tqdm
 
-from probes.cache import decoder_layers
 from probes.datasets import DATA_DIR
 from probes.files import atomic_folder
 from probes.models import ModelHandle
 from steering.generation import pad
+from steering.hooks import replace_block_inputs
 
 ARCHITECTURES = ("standard", "topk")
 SAE_DIR = DATA_DIR / "sae"  # shipped SAEs: SAE_DIR / <model name> / layer_<L>
@@ -256,21 +255,6 @@ def sae_positions(model: ModelHandle, input_ids: torch.Tensor, mask: torch.Tenso
     return keep & (input_ids != bos) if bos is not None else keep
 
 
-@contextlib.contextmanager
-def _edit_residual(model: ModelHandle, layer: int, edit: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
-    """Replace the residual stream entering decoder block ``layer`` by ``edit(hidden)`` for the duration."""
-    def hook(module, args, kwargs):
-        if args:
-            return (edit(args[0]), *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": edit(kwargs["hidden_states"])}
-
-    handle = decoder_layers(model.hf_model)[layer].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 def _summed_ce(model: ModelHandle, input_ids: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:
     """Summed next-token cross-entropy over real target tokens, and their count."""
     logits = model.hf_model(input_ids=input_ids, attention_mask=mask.long(), use_cache=False).logits[:, :-1]
@@ -305,7 +289,7 @@ def reconstruction_ce(model: ModelHandle, sae: SAE, layer: int,
         edits = {"ce_clean": None, "ce_sae": lambda h: torch.where(where, reconstruct(sae, h), h),
                  "ce_zero_ablation": lambda h: torch.where(where, torch.zeros_like(h), h)}
         for name, edit in edits.items():
-            with _edit_residual(model, layer, edit) if edit else contextlib.nullcontext():
+            with replace_block_inputs(model, {layer: edit} if edit else {}):
                 ce, n = _summed_ce(model, input_ids, mask)
             totals[name] += ce
         count += n

@@ -15,22 +15,22 @@ on a held-out test split.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Literal, Mapping, Sequence
+from typing import Callable, Literal, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from probes.cache import decoder_layers, extract, residual_hooks
+from probes.cache import extract, residual_hooks
 from probes.conflict import (USES_CONTEXT, USES_MEMORY, ConflictExample, conflict_prompts, exact_match,
                              generate_answers, group_by_behaviour)
 from probes.linear import LogisticProbe
 from probes.models import ModelHandle, load_model
+from steering.hooks import replace_block_inputs
 from steering.mutual_info import mutual_information, select_latents
 
 Target = Literal["context", "memory"]
@@ -90,29 +90,18 @@ def add_edit(direction: torch.Tensor, coeff: float) -> Edit:
     return lambda h: (coeff * direction).to(device=h.device, dtype=h.dtype).expand_as(h)
 
 
-@contextlib.contextmanager
-def edit_last_token(model: ModelHandle, edits: Mapping[int, Edit]) -> Iterator[None]:
-    """Add ``edits[layer](h)`` to the residual stream entering block ``layer`` at the last position of every forward
-    pass: the last prompt token (prompts are left-padded), then each generated token (one per cached step)."""
-    blocks = decoder_layers(model.hf_model)
-    bad = [layer for layer in edits if not 0 <= layer < len(blocks)]
-    if bad:
-        raise ValueError(f"layers {bad} outside 0..{len(blocks) - 1}")
-
-    def make(edit: Edit):
-        def hook(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
+def edit_last_token(model: ModelHandle, edits: Mapping[int, Edit]):
+    """Context manager adding ``edits[layer](h)`` to the residual stream entering block ``layer`` at the last position
+    of every forward pass: the last prompt token (prompts are left-padded), then each generated token (one per
+    cached step)."""
+    def last_only(edit: Edit) -> Callable[[torch.Tensor], torch.Tensor]:
+        def replace(hidden: torch.Tensor) -> torch.Tensor:
             hidden = hidden.clone()
             hidden[:, -1] += edit(hidden[:, -1])
-            if args:
-                return (hidden, *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": hidden}
-        return hook
+            return hidden
+        return replace
 
-    with contextlib.ExitStack() as stack:
-        for layer, edit in edits.items():
-            stack.callback(blocks[layer].register_forward_pre_hook(make(edit), with_kwargs=True).remove)
-        yield
+    return replace_block_inputs(model, {layer: last_only(edit) for layer, edit in edits.items()})
 
 
 def exact_match_rate(answers: Sequence[str], references: Sequence[Sequence[str]]) -> float:
@@ -213,8 +202,10 @@ class Experiment:
     """The split, the unedited behaviour on each part and the steering fitted on the training part."""
 
     parts: dict[str, list[ConflictExample]]
+    answers: dict[str, list[str]]  # unedited greedy answers on the substituted-context prompts
     groups: dict[str, list[str]]
     steering: Steering
+    max_new_tokens: int  # answer length, the same for every edit compared
 
 
 def prepare(model: ModelHandle, examples: Sequence[ConflictExample], saes: Mapping[int, object],
@@ -223,20 +214,20 @@ def prepare(model: ModelHandle, examples: Sequence[ConflictExample], saes: Mappi
     if not saes:
         raise ValueError("need at least one SAE (a mapping layer -> SAE)")
     parts = split(examples, seed=seed)
-    groups = {k: group_by_behaviour(generate_answers(model, conflict_prompts(v, "sub"),
-                                                     max_new_tokens=max_new_tokens, progress=progress), v)
-              for k, v in parts.items()}
-    return Experiment(parts, groups, fit_steering(model, saes, parts["train"], groups["train"], proportion, progress))
+    answers = {k: steered_answers(model, conflict_prompts(v, "sub"), {}, max_new_tokens, progress)
+               for k, v in parts.items()}
+    groups = {k: group_by_behaviour(answers[k], v) for k, v in parts.items()}
+    return Experiment(parts, answers, groups,
+                      fit_steering(model, saes, parts["train"], groups["train"], proportion, progress), max_new_tokens)
 
 
 def report(model: ModelHandle, experiment: Experiment, out: Path, spare_strengths: Sequence[float] = STRENGTHS,
-           actadd_strengths: Sequence[float] = STRENGTHS, max_new_tokens: int = 8, dataset: str = "",
-           progress: bool = True) -> dict:
+           actadd_strengths: Sequence[float] = STRENGTHS, dataset: str = "", progress: bool = True) -> dict:
     """Conflict probe, strengths tuned on validation, exact match on test; writes ``OUT/results.json``
     (DESIGN.md contract) and the figures."""
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    parts, steering = experiment.parts, experiment.steering
+    parts, steering, max_new_tokens = experiment.parts, experiment.steering, experiment.max_new_tokens
     accuracy = conflict_probe(model, parts["train"], parts["test"], progress=progress)
     results: dict = {"model": model.name, "dataset": dataset, "layers": list(range(len(accuracy))),
                      "conflict_probe_accuracy": accuracy, "spare_layers": sorted(steering.latents),
@@ -250,7 +241,7 @@ def report(model: ModelHandle, experiment: Experiment, out: Path, spare_strength
     test_prompts = conflict_prompts(parts["test"], "sub")
     for target in ("context", "memory"):
         refs = references(parts["test"], target)
-        scores = {"no_edit": exact_match_rate(steered_answers(model, test_prompts, {}, max_new_tokens), refs)}
+        scores = {"no_edit": exact_match_rate(experiment.answers["test"], refs)}
         for method, grid in (("actadd", actadd_strengths), ("spare", spare_strengths)):
             best, curve = tune(model, steering, parts["val"], method, target, grid, max_new_tokens, progress)
             results["tuning"][f"{method}_to_{target}"] = {"strength": best, "val_exact_match": curve}
@@ -271,7 +262,7 @@ def run(model: ModelHandle, examples: Sequence[ConflictExample], saes: Mapping[i
         dataset: str = "", progress: bool = True) -> dict:
     """The whole experiment on ``examples``: :func:`prepare` then :func:`report`."""
     experiment = prepare(model, examples, saes, proportion, max_new_tokens, seed, progress)
-    return report(model, experiment, out, spare_strengths, actadd_strengths, max_new_tokens, dataset, progress)
+    return report(model, experiment, out, spare_strengths, actadd_strengths, dataset, progress)
 
 
 def load_saes(model: ModelHandle, layers: Sequence[int] | None, sae_dir: Path | None = None,
