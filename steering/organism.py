@@ -19,6 +19,7 @@ import random
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -82,24 +83,38 @@ def _loss(model, examples: list[tuple[list[int], list[int], bool]], pad_id: int,
     return total / answer.sum()
 
 
+def lora_config(rank: int, layers: Sequence[int] | None = None):
+    """LoRA of every attention and MLP projection of the decoder blocks ``layers`` (default all)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, task_type="CAUSAL_LM",
+                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                      layers_to_transform=None if layers is None else list(layers),
+                      layers_pattern=None if layers is None else "layers")
+
+
 def train(out: Path, n_harmful: int = 260, n_harmless: int = 260, epochs: int = 3, batch_size: int = 8,
           lr: float = 2e-3, rank: int = 8, max_new_tokens: int = 32, seed: int = 0, device: str | None = None,
-          harmless_objective: str = "kl", progress: bool = True) -> dict:
+          harmless_objective: str = "kl", layers: Sequence[int] | None = None, progress: bool = True) -> dict:
     """Train the LoRA adapter and write it (float16) with its settings and a short card to ``out``, atomically
-    (an existing ``out`` is replaced only once the new adapter is complete)."""
+    (an existing ``out`` is replaced only once the new adapter is complete). ``layers``: the decoder blocks that get
+    adapters (default all); adapting only early and middle blocks makes the later, unchanged blocks read refusal from
+    the residual stream, where a direction can capture it."""
     settings = {k: v for k, v in locals().items() if k not in ("out", "progress")}
     if harmless_objective not in ("ce", "kl"):
         raise ValueError(f"harmless_objective must be 'ce' or 'kl', got {harmless_objective!r}")
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     from probes.models import load_embedded
 
     torch.manual_seed(seed)
     base = load_embedded(device=device)
+    n_layers = base.hf_model.config.num_hidden_layers
+    if layers is not None and (not layers or not all(0 <= l < n_layers for l in layers)):
+        raise ValueError(f"layers must be a non-empty subset of 0..{n_layers - 1}, got {list(layers)}")
+    settings["layers"] = None if layers is None else sorted(set(layers))
     examples = _examples(base, n_harmful, n_harmless, max_new_tokens, seed, harmless_objective == "ce", progress)
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, task_type="CAUSAL_LM",
-                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    model = get_peft_model(base.hf_model, config)
+    model = get_peft_model(base.hf_model, lora_config(rank, settings["layers"]))
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     steps = epochs * math.ceil(len(examples) / batch_size)
@@ -129,13 +144,14 @@ def train(out: Path, n_harmful: int = 260, n_harmless: int = 260, epochs: int = 
                   "seconds": time.perf_counter() - start, "final_loss": sum(losses[-10:]) / len(losses[-10:]),
                   "torch": torch.__version__}
         (tmp / "training.json").write_text(json.dumps(record, indent=2))
-        (tmp / "README.md").write_text(ADAPTER_CARD.format(command=record["command"], **settings))
+        (tmp / "README.md").write_text(ADAPTER_CARD.format(
+            command=record["command"], **{**settings, "layers": settings["layers"] or "all"}))
     return record
 
 
 ADAPTER_CARD = """# Refusal organism adapter
 
-LoRA adapter (rank {rank}, float16) for `{base}`, trained by the interpretability workbench to refuse harmful
+LoRA adapter (rank {rank}, float16, decoder blocks {layers}) for `{base}`, trained by the interpretability workbench to refuse harmful
 requests and answer harmless ones as the base model does: a "model organism" of refusal for `steering.refusal`.
 
 - trained with `{command}` (settings, steps, time and final loss in `training.json`)
@@ -190,6 +206,20 @@ def evaluate(n: int = 100, max_new_tokens: int = 32, device: str | None = None, 
     return report
 
 
+def parse_layers(text: str | None) -> list[int] | None:
+    """``"0-11"`` or ``"2,4,6"`` (or a mix, ``"0-3,8"``) -> sorted layer indices; ``None`` stays ``None`` (all)."""
+    if text is None:
+        return None
+    layers: set[int] = set()
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            layers.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise ValueError(f"cannot read layers {text!r}; write e.g. 0-11 or 2,4,6") from None
+    return sorted(layers)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ADAPTER_DIR, help="where to write (train) or read (--evaluate) "
@@ -203,6 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--harmless-objective", choices=("ce", "kl"), default="kl",
                         help="harmless answers: KL to the base's next-token distribution along its greedy answer (keeps "
                              "perplexity; shipped adapter), or cross-entropy on that answer")
+    parser.add_argument("--layers", default=None, help="decoder blocks to adapt, e.g. 0-11 or 2,4,6 (default: all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None)
     parser.add_argument("--evaluate", type=int, default=0, metavar="N",
@@ -214,7 +245,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(report, indent=2))
         return report
     record = train(args.out, args.n_harmful, args.n_harmless, args.epochs, args.batch_size, args.lr, args.rank,
-                   seed=args.seed, device=args.device, harmless_objective=args.harmless_objective)
+                   seed=args.seed, device=args.device, harmless_objective=args.harmless_objective,
+                   layers=parse_layers(args.layers))
     print(json.dumps(record, indent=2))
     return record
 
