@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(PY) -m probes.space_time --model embedded --n 200 --templates empty --out $(OUT)/space_time
 	$(PY) -m steering.refusal --model embedded-refuser --n-train 64 --n-val 8 --n-test 16 --layer-step 3 \
 		--max-new-tokens 24 --out $(OUT)/refusal
-	$(PY) -m steering.spare --model embedded --dataset known_facts --n 80 --out $(OUT)/spare
+	$(PY) -m steering.spare --model embedded --dataset known_facts --n 80 --strengths 0.5,2 --out $(OUT)/spare
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -8,17 +8,19 @@ probe every layer for whether the context conflicts with memory; at the SAE laye
 information with the behaviour and keep the top proportion, split by which behaviour activates them more; at
 inference, take away the undesired behaviour's latents and add the desired one's expected activation, on the last
 prompt token and on every generated token. Baseline: activation addition of the difference in means between the
-two behaviour groups at the same layers. Both strengths are tuned on a validation split; exact match is reported
-on a held-out test split.
+two behaviour groups at the same layers. Both are tuned on a validation split (the strength, whether generated
+tokens are edited too and, for SpARE, whether the undesired latents are removed or only the desired ones added);
+exact match is reported on a held-out test split.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Literal, Mapping, Sequence
 
@@ -34,10 +36,30 @@ from steering.hooks import replace_block_inputs
 from steering.mutual_info import mutual_information, select_latents
 
 Target = Literal["context", "memory"]
-# Edit strengths tried on the validation split (the same grid for SpARE and activation addition). On the embedded
-# model SpARE breaks the answers from strength 1 up, so the grid reaches down to 0.1.
-STRENGTHS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
+# Edit strengths tried on the validation split (the same for SpARE and activation addition).
+STRENGTHS = (0.25, 0.5, 1.0, 2.0, 4.0)
 Edit = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class EditSetting:
+    """One point of the validation grid."""
+
+    strength: float
+    remove: bool = True     # SpARE: also take away the undesired behaviour's latents (else only add the desired's)
+    generated: bool = True  # edit every generated token too, not only the last prompt token
+
+    def label(self, method: str) -> str:
+        parts = [f"strength {self.strength:g}"] + (["remove+add" if self.remove else "add only"]
+                                                   if method == "spare" else [])
+        return ", ".join(parts + ["prompt+generated" if self.generated else "prompt only"])
+
+
+def edit_grid(method: str, strengths: Sequence[float] = STRENGTHS, generated: Sequence[bool] = (True, False),
+              remove: Sequence[bool] = (True, False)) -> list[EditSetting]:
+    """Every combination of the settings tried on validation for ``method`` ("spare" or "actadd")."""
+    removes = remove if method == "spare" else (False,)
+    return [EditSetting(s, r, g) for s, r, g in itertools.product(strengths, removes, generated)]
 
 
 @dataclass
@@ -68,9 +90,10 @@ def behaviour_latents(sae, acts: torch.Tensor, uses_context: torch.Tensor, layer
     return BehaviourLatents(layer, mi.cpu(), top[favours_context], top[~favours_context], mean_c, mean_m)
 
 
-def spare_edit(sae, latents: BehaviourLatents, target: Target, strength: float = 1.0) -> Edit:
-    """``h -> delta``: remove the undesired behaviour's active latents and raise the desired behaviour's latents up
-    to their expected activation, both through the SAE decoder, scaled by ``strength``."""
+def spare_edit(sae, latents: BehaviourLatents, target: Target, strength: float = 1.0, remove: bool = True) -> Edit:
+    """``h -> delta``: remove the undesired behaviour's active latents (unless ``remove`` is false) and raise the
+    desired behaviour's latents up to their expected activation, both through the SAE decoder, scaled by
+    ``strength``."""
     if target not in ("context", "memory"):
         raise ValueError(f"target must be 'context' or 'memory', got {target!r}")
     keep, drop = (latents.context, latents.memory) if target == "context" else (latents.memory, latents.context)
@@ -80,7 +103,9 @@ def spare_edit(sae, latents: BehaviourLatents, target: Target, strength: float =
     @torch.no_grad()
     def edit(h: torch.Tensor) -> torch.Tensor:
         z = sae.encode(h.to(sae.W_dec.dtype)).float()
-        delta = (expected - z[:, keep]).clamp(min=0) @ w_keep - z[:, drop] @ w_drop
+        delta = (expected - z[:, keep]).clamp(min=0) @ w_keep
+        if remove:
+            delta = delta - z[:, drop] @ w_drop
         return (strength * delta).to(h.dtype)
     return edit
 
@@ -90,12 +115,14 @@ def add_edit(direction: torch.Tensor, coeff: float) -> Edit:
     return lambda h: (coeff * direction).to(device=h.device, dtype=h.dtype).expand_as(h)
 
 
-def edit_last_token(model: ModelHandle, edits: Mapping[int, Edit]):
+def edit_last_token(model: ModelHandle, edits: Mapping[int, Edit], generated: bool = True):
     """Context manager adding ``edits[layer](h)`` to the residual stream entering block ``layer`` at the last position
-    of every forward pass: the last prompt token (prompts are left-padded), then each generated token (one per
-    cached step)."""
+    of every forward pass: the last prompt token (prompts are left-padded), then, if ``generated``, each generated
+    token (one per cached step; a one-token forward pass counts as a generation step)."""
     def last_only(edit: Edit) -> Callable[[torch.Tensor], torch.Tensor]:
         def replace(hidden: torch.Tensor) -> torch.Tensor:
+            if not generated and hidden.shape[1] == 1:
+                return hidden
             hidden = hidden.clone()
             hidden[:, -1] += edit(hidden[:, -1])
             return hidden
@@ -153,10 +180,10 @@ class Steering:
     latents: dict[int, BehaviourLatents]
     directions: dict[int, torch.Tensor]  # mean(uses context) - mean(uses memory), residual stream
 
-    def edits(self, method: str, target: Target, strength: float) -> dict[int, Edit]:
+    def edits(self, method: str, target: Target, strength: float, remove: bool = True) -> dict[int, Edit]:
         """Edits at every layer for ``method`` "spare" or "actadd" toward ``target``."""
         if method == "spare":
-            return {l: spare_edit(self.saes[l], self.latents[l], target, strength) for l in self.latents}
+            return {l: spare_edit(self.saes[l], self.latents[l], target, strength, remove) for l in self.latents}
         if method == "actadd":
             sign = 1.0 if target == "context" else -1.0
             return {l: add_edit(d, sign * strength) for l, d in self.directions.items()}
@@ -176,9 +203,10 @@ def fit_steering(model: ModelHandle, saes: Mapping[int, object], examples: Seque
 
 
 def steered_answers(model: ModelHandle, prompts: Sequence[str], edits: Mapping[int, Edit], max_new_tokens: int,
-                    progress: bool = False) -> list[str]:
-    """Greedy answers with ``edits`` applied (none: the unedited model)."""
-    with edit_last_token(model, edits):
+                    progress: bool = False, generated: bool = True) -> list[str]:
+    """Greedy answers with ``edits`` applied (none: the unedited model), also to the generated tokens if
+    ``generated``."""
+    with edit_last_token(model, edits, generated):
         return generate_answers(model, prompts, max_new_tokens=max_new_tokens, progress=progress)
 
 
@@ -187,14 +215,25 @@ def references(examples: Sequence[ConflictExample], target: Target) -> list[tupl
     return [e.sub_answers if target == "context" else e.org_answers for e in examples]
 
 
+def steer(model: ModelHandle, steering: Steering, prompts: Sequence[str], method: str, target: Target,
+          setting: EditSetting, max_new_tokens: int) -> list[str]:
+    """Greedy answers steered by ``method`` toward ``target`` with one grid ``setting``."""
+    edits = steering.edits(method, target, setting.strength, setting.remove)
+    return steered_answers(model, prompts, edits, max_new_tokens, generated=setting.generated)
+
+
 def tune(model: ModelHandle, steering: Steering, val: Sequence[ConflictExample], method: str, target: Target,
-         strengths: Sequence[float], max_new_tokens: int, progress: bool = True) -> tuple[float, dict[float, float]]:
-    """The strength with the best validation exact match for ``target`` and the whole curve."""
+         grid: Sequence[EditSetting], max_new_tokens: int, progress: bool = True
+         ) -> tuple[EditSetting, dict[str, float]]:
+    """The setting with the best validation exact match for ``target`` (the first of ties, in grid order) and the
+    exact match of every setting, by label."""
+    if not grid:
+        raise ValueError(f"no settings to tune {method} on")
     prompts, refs = conflict_prompts(val, "sub"), references(val, target)
-    curve = {s: exact_match_rate(steered_answers(model, prompts, steering.edits(method, target, s),
-                                                 max_new_tokens), refs)
-             for s in tqdm(strengths, desc=f"tune {method} to {target}", disable=not progress)}
-    return max(curve, key=curve.get), curve
+    scores = [exact_match_rate(steer(model, steering, prompts, method, target, setting, max_new_tokens), refs)
+              for setting in tqdm(grid, desc=f"tune {method} to {target}", disable=not progress)]
+    best = max(range(len(grid)), key=scores.__getitem__)
+    return grid[best], {setting.label(method): score for setting, score in zip(grid, scores)}
 
 
 @dataclass
@@ -221,10 +260,11 @@ def prepare(model: ModelHandle, examples: Sequence[ConflictExample], saes: Mappi
                       fit_steering(model, saes, parts["train"], groups["train"], proportion, progress), max_new_tokens)
 
 
-def report(model: ModelHandle, experiment: Experiment, out: Path, spare_strengths: Sequence[float] = STRENGTHS,
-           actadd_strengths: Sequence[float] = STRENGTHS, dataset: str = "", progress: bool = True) -> dict:
-    """Conflict probe, strengths tuned on validation, exact match on test; writes ``OUT/results.json``
-    (DESIGN.md contract) and the figures."""
+def report(model: ModelHandle, experiment: Experiment, out: Path, spare_grid: Sequence[EditSetting] | None = None,
+           actadd_grid: Sequence[EditSetting] | None = None, dataset: str = "", progress: bool = True) -> dict:
+    """Conflict probe, edit settings tuned on validation (default grids: :func:`edit_grid`), exact match on test;
+    writes ``OUT/results.json`` (DESIGN.md contract) and the figures."""
+    grids = {"actadd": actadd_grid or edit_grid("actadd"), "spare": spare_grid or edit_grid("spare")}
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     parts, steering, max_new_tokens = experiment.parts, experiment.steering, experiment.max_new_tokens
@@ -242,11 +282,12 @@ def report(model: ModelHandle, experiment: Experiment, out: Path, spare_strength
     for target in ("context", "memory"):
         refs = references(parts["test"], target)
         scores = {"no_edit": exact_match_rate(experiment.answers["test"], refs)}
-        for method, grid in (("actadd", actadd_strengths), ("spare", spare_strengths)):
+        for method, grid in grids.items():
             best, curve = tune(model, steering, parts["val"], method, target, grid, max_new_tokens, progress)
-            results["tuning"][f"{method}_to_{target}"] = {"strength": best, "val_exact_match": curve}
-            scores[method] = exact_match_rate(steered_answers(
-                model, test_prompts, steering.edits(method, target, best), max_new_tokens), refs)
+            results["tuning"][f"{method}_to_{target}"] = {"setting": asdict(best), "label": best.label(method),
+                                                         "val_exact_match": curve}
+            scores[method] = exact_match_rate(
+                steer(model, steering, test_prompts, method, target, best, max_new_tokens), refs)
         results[f"steer_to_{target}"] = scores
     results["seconds"] = time.perf_counter() - start
     (out / "results.json").write_text(json.dumps(results, indent=2))
@@ -257,12 +298,12 @@ def report(model: ModelHandle, experiment: Experiment, out: Path, spare_strength
 
 
 def run(model: ModelHandle, examples: Sequence[ConflictExample], saes: Mapping[int, object], out: Path,
-        proportion: float = 0.01, spare_strengths: Sequence[float] = STRENGTHS,
-        actadd_strengths: Sequence[float] = STRENGTHS, max_new_tokens: int = 8, seed: int = 0,
+        proportion: float = 0.01, spare_grid: Sequence[EditSetting] | None = None,
+        actadd_grid: Sequence[EditSetting] | None = None, max_new_tokens: int = 8, seed: int = 0,
         dataset: str = "", progress: bool = True) -> dict:
     """The whole experiment on ``examples``: :func:`prepare` then :func:`report`."""
     experiment = prepare(model, examples, saes, proportion, max_new_tokens, seed, progress)
-    return report(model, experiment, out, spare_strengths, actadd_strengths, dataset, progress)
+    return report(model, experiment, out, spare_grid, actadd_grid, dataset, progress)
 
 
 def load_saes(model: ModelHandle, layers: Sequence[int] | None, sae_dir: Path | None = None,
@@ -311,6 +352,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--sae-release", default=None, help="SAELens release of pretrained SAEs, e.g. gemma-scope-2b-pt-res-canonical")
     parser.add_argument("--sae-id", default=None, help="SAE id with {layer}, e.g. 'layer_{layer}/width_16k/canonical'")
     parser.add_argument("--proportion", type=float, default=0.01, help="top proportion of latents by MI")
+    parser.add_argument("--strengths", default=",".join(f"{s:g}" for s in STRENGTHS),
+                        help="edit strengths tried on validation, e.g. 0.5,2")
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None)
@@ -320,8 +363,10 @@ def main(argv: list[str] | None = None) -> dict:
     layers = [int(x) for x in args.layers.split(",")] if args.layers else None
     saes = load_saes(model, layers, args.sae_dir, args.sae_release, args.sae_id)
     examples = conflict_examples(model, args.dataset, args.n, args.seed)
-    results = run(model, examples, saes, args.out, proportion=args.proportion, max_new_tokens=args.max_new_tokens,
-                  seed=args.seed, dataset=args.dataset)
+    strengths = [float(x) for x in args.strengths.split(",")]
+    results = run(model, examples, saes, args.out, proportion=args.proportion,
+                  spare_grid=edit_grid("spare", strengths), actadd_grid=edit_grid("actadd", strengths),
+                  max_new_tokens=args.max_new_tokens, seed=args.seed, dataset=args.dataset)
     best = max(range(len(results["conflict_probe_accuracy"])), key=results["conflict_probe_accuracy"].__getitem__)
     print(f"conflict probe: best layer {best}, accuracy {results['conflict_probe_accuracy'][best]:.3f}")
     for target in ("steer_to_context", "steer_to_memory"):

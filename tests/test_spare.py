@@ -49,6 +49,8 @@ def test_spare_edit_swaps_the_behaviour_latents():
     delta = spare.spare_edit(sae, latents, "context", strength=1.0)(h)
     assert delta[0, 2] == pytest.approx(-4.0) and delta[0, 1] == pytest.approx(3.0)
     assert delta[0, [0, 3, 4, 5, 6, 7]].abs().max() == 0
+    add_only = spare.spare_edit(sae, latents, "context", strength=1.0, remove=False)(h)
+    assert add_only[0, 2] == 0 and add_only[0, 1] == pytest.approx(3.0)
     toward_memory = spare.spare_edit(sae, latents, "memory", strength=0.5)(h)
     assert toward_memory[0, 2] == pytest.approx(0.5)  # already at 4, raised to the expected 5
     with pytest.raises(ValueError):
@@ -70,6 +72,12 @@ def test_zero_strength_leaves_logits_unchanged_and_edits_touch_only_the_last_tok
     assert torch.allclose(clean[:, :-1], pushed[:, :-1])  # causal: earlier positions untouched
     assert (clean[:, -1] - pushed[:, -1]).abs().max() > 1e-3
     assert torch.equal(tiny.hf_model(ids).logits, clean)  # hooks removed on exit
+    with spare.edit_last_token(tiny, {1: spare.add_edit(torch.ones(tiny.d_model) * 5, 1.0)}, generated=False):
+        generated = tiny.hf_model.generate(ids, max_new_tokens=3, do_sample=False)
+    with spare.edit_last_token(tiny, {1: spare.add_edit(torch.ones(tiny.d_model) * 5, 1.0)}, generated=False):
+        one_token_step = tiny.hf_model(ids[:, :1]).logits
+    assert torch.equal(one_token_step, tiny.hf_model(ids[:, :1]).logits)  # one-token passes are generation steps
+    assert generated.shape == (2, ids.shape[1] + 3)
     with pytest.raises(ValueError):
         with spare.edit_last_token(tiny, {99: spare.add_edit(torch.ones(tiny.d_model), 1.0)}):
             pass
@@ -94,8 +102,9 @@ def test_run_writes_the_contract(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(spare, "group_by_behaviour",
                         lambda preds, exs: [("context", "memory")[next(cycle) % 2] for _ in exs])
     saes = {1: make_sae(tiny.d_model, 32)}
-    results = spare.run(tiny, examples, saes, tmp_path, proportion=0.25, spare_strengths=(0.0, 1.0),
-                        actadd_strengths=(1.0,), max_new_tokens=3, progress=False)
+    spare_grid = spare.edit_grid("spare", (0.0, 1.0), generated=(True,))
+    results = spare.run(tiny, examples, saes, tmp_path, proportion=0.25, spare_grid=spare_grid,
+                        actadd_grid=spare.edit_grid("actadd", (1.0,)), max_new_tokens=3, progress=False)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["layers"] == list(range(tiny.n_layers + 1))
     assert len(saved["conflict_probe_accuracy"]) == tiny.n_layers + 1
@@ -103,5 +112,9 @@ def test_run_writes_the_contract(tiny, tmp_path, monkeypatch):
     for target in ("steer_to_context", "steer_to_memory"):
         assert set(saved[target]) == {"no_edit", "actadd", "spare"}
         assert all(0 <= v <= 1 for v in saved[target].values())
+    tuned = saved["tuning"]["spare_to_context"]
+    assert len(tuned["val_exact_match"]) == len(spare_grid) == 4
+    assert spare.EditSetting(**tuned["setting"]) in spare_grid
+    assert len(saved["tuning"]["actadd_to_memory"]["val_exact_match"]) == 2  # prompt only / prompt+generated
     assert saved["spare_layers"] == [1] and results["n"] == {"train": 12, "val": 4, "test": 4}
     assert (tmp_path / "steering.html").is_file() and (tmp_path / "latents_layer1.html").is_file()
