@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from probes.cli_args import parse_layers
 from probes.datasets import DATA_DIR, load_refusal_instructions
 from probes.files import atomic_folder
 from probes.models import EMBEDDED_HF_ID, ModelHandle, _resolve, embedded_checkpoint, wrap
@@ -151,8 +152,9 @@ def train(out: Path, n_harmful: int = 260, n_harmless: int = 260, epochs: int = 
 
 ADAPTER_CARD = """# Refusal organism adapter
 
-LoRA adapter (rank {rank}, float16, decoder blocks {layers}) for `{base}`, trained by the interpretability workbench to refuse harmful
-requests and answer harmless ones as the base model does: a "model organism" of refusal for `steering.refusal`.
+LoRA adapter (rank {rank}, float16, decoder blocks {layers}) for `{base}`, trained by the interpretability
+workbench to refuse harmful requests and answer harmless ones as the base model does: a "model organism" of refusal
+for `steering.refusal`.
 
 - trained with `{command}` (settings, steps, time and final loss in `training.json`)
 - harmful targets: short refusals from `steering.organism.REFUSALS`, {n_harmful} instructions of `harmful_train`
@@ -204,20 +206,6 @@ def evaluate(n: int = 100, max_new_tokens: int = 32, device: str | None = None, 
         report[f"{name}_perplexity_on_base_answers"] = perplexity(model, harmless, answers["base", "harmless"])
     report["perplexity_ratio"] = report["organism_perplexity_on_base_answers"] / report["base_perplexity_on_base_answers"]
     return report
-
-
-def parse_layers(text: str | None) -> list[int] | None:
-    """``"0-11"`` or ``"2,4,6"`` (or a mix, ``"0-3,8"``) -> sorted layer indices; ``None`` stays ``None`` (all)."""
-    if text is None:
-        return None
-    layers: set[int] = set()
-    try:
-        for part in text.split(","):
-            lo, _, hi = part.strip().partition("-")
-            layers.update(range(int(lo), int(hi or lo) + 1))
-    except ValueError:
-        raise ValueError(f"cannot read layers {text!r}; write e.g. 0-11 or 2,4,6") from None
-    return sorted(layers)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from probes.cache import extract, residual_hooks
+from probes.cli_args import parse_layers
 from probes.conflict import (USES_CONTEXT, USES_MEMORY, ConflictExample, conflict_prompts, exact_match,
                              generate_answers, group_by_behaviour)
 from probes.linear import LogisticProbe
@@ -347,7 +348,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dataset", default="known_facts", choices=("known_facts", "nqswap"))
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--n", type=int, default=None, help="examples used (default: all)")
-    parser.add_argument("--layers", default=None, help="SAE layers to edit, e.g. 9,12 (default: every shipped SAE)")
+    parser.add_argument("--layers", default=None, help="SAE layers to edit, e.g. 9,12 or 9-12 (default: every shipped SAE)")
     parser.add_argument("--sae-dir", type=Path, default=None)
     parser.add_argument("--sae-release", default=None, help="SAELens release of pretrained SAEs, e.g. gemma-scope-2b-pt-res-canonical")
     parser.add_argument("--sae-id", default=None, help="SAE id with {layer}, e.g. 'layer_{layer}/width_16k/canonical'")
@@ -360,7 +361,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dtype", default=None)
     args = parser.parse_args(argv)
     model = load_model(args.model, device=args.device, dtype=args.dtype)
-    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+    layers = parse_layers(args.layers)
     saes = load_saes(model, layers, args.sae_dir, args.sae_release, args.sae_id)
     examples = conflict_examples(model, args.dataset, args.n, args.seed)
     strengths = [float(x) for x in args.strengths.split(",")]

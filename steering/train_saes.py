@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from probes.cli_args import parse_layers
 from probes.models import load_model
 from steering.sae import SAE_DIR, evaluate_sae, reconstruction_ce, save_sae, train_sae
 from steering.sae_corpus import corpus, token_activations
@@ -23,7 +24,7 @@ from steering.sae_corpus import corpus, token_activations
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="embedded")
-    parser.add_argument("--layers", required=True, help="comma-separated, e.g. 9,15")
+    parser.add_argument("--layers", required=True, help="e.g. 9,15 or 9-15")
     parser.add_argument("--d-sae", type=int, default=4096)
     parser.add_argument("--architecture", choices=("standard", "topk"), default="topk")
     parser.add_argument("--k", type=int, default=32, help="active latents per token (topk)")
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     model = load_model(args.model, device=args.device)
-    layers = [int(x) for x in args.layers.split(",")]
+    layers = parse_layers(args.layers)
     out = args.out or SAE_DIR / model.name.replace("/", "--")
     texts = corpus(model, seed=args.seed)
     heldout, train = texts[:args.heldout_texts], texts[args.heldout_texts:]

@@ -76,6 +76,7 @@ def test_zero_strength_leaves_logits_unchanged_and_edits_touch_only_the_last_tok
         generated = tiny.hf_model.generate(ids, max_new_tokens=3, do_sample=False)
     with spare.edit_last_token(tiny, {1: spare.add_edit(torch.ones(tiny.d_model) * 5, 1.0)}, generated=False):
         one_token_step = tiny.hf_model(ids[:, :1]).logits
+        assert torch.allclose(tiny.hf_model(ids).logits, pushed)  # the prompt pass is still edited
     assert torch.equal(one_token_step, tiny.hf_model(ids[:, :1]).logits)  # one-token passes are generation steps
     assert generated.shape == (2, ids.shape[1] + 3)
     with pytest.raises(ValueError):
