@@ -84,19 +84,27 @@ def _loss(model, examples: list[tuple[list[int], list[int], bool]], pad_id: int,
     return total / answer.sum()
 
 
-def lora_config(rank: int, layers: Sequence[int] | None = None):
-    """LoRA of every attention and MLP projection of the decoder blocks ``layers`` (default all)."""
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def lora_config(rank: int, layers: Sequence[int] | None = None, modules: Sequence[str] = PROJECTIONS):
+    """LoRA of the projections ``modules`` (default every attention and MLP projection) of the decoder blocks
+    ``layers`` (default all)."""
     from peft import LoraConfig
 
+    bad = sorted(set(modules) - set(PROJECTIONS))
+    if not modules or bad:
+        raise ValueError(f"modules must be a non-empty subset of {PROJECTIONS}, got {list(modules)}")
     return LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, task_type="CAUSAL_LM",
-                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                      target_modules=list(modules),
                       layers_to_transform=None if layers is None else list(layers),
                       layers_pattern=None if layers is None else "layers")
 
 
 def train(out: Path, n_harmful: int = 260, n_harmless: int = 260, epochs: int = 3, batch_size: int = 8,
           lr: float = 2e-3, rank: int = 8, max_new_tokens: int = 32, seed: int = 0, device: str | None = None,
-          harmless_objective: str = "kl", layers: Sequence[int] | None = None, progress: bool = True) -> dict:
+          harmless_objective: str = "kl", layers: Sequence[int] | None = None,
+          modules: Sequence[str] = PROJECTIONS, progress: bool = True) -> dict:
     """Train the LoRA adapter and write it (float16) with its settings and a short card to ``out``, atomically
     (an existing ``out`` is replaced only once the new adapter is complete). ``layers``: the decoder blocks that get
     adapters (default all); adapting only early and middle blocks makes the later, unchanged blocks read refusal from
@@ -114,8 +122,9 @@ def train(out: Path, n_harmful: int = 260, n_harmless: int = 260, epochs: int = 
     if layers is not None and (not layers or not all(0 <= l < n_layers for l in layers)):
         raise ValueError(f"layers must be a non-empty subset of 0..{n_layers - 1}, got {list(layers)}")
     settings["layers"] = None if layers is None else sorted(set(layers))
+    settings["modules"] = list(modules)
     examples = _examples(base, n_harmful, n_harmless, max_new_tokens, seed, harmless_objective == "ce", progress)
-    model = get_peft_model(base.hf_model, lora_config(rank, settings["layers"]))
+    model = get_peft_model(base.hf_model, lora_config(rank, settings["layers"], modules))
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     steps = epochs * math.ceil(len(examples) / batch_size)
@@ -146,13 +155,14 @@ def train(out: Path, n_harmful: int = 260, n_harmless: int = 260, epochs: int = 
                   "torch": torch.__version__}
         (tmp / "training.json").write_text(json.dumps(record, indent=2))
         (tmp / "README.md").write_text(ADAPTER_CARD.format(
-            command=record["command"], **{**settings, "layers": settings["layers"] or "all"}))
+            command=record["command"], **{**settings, "layers": settings["layers"] or "all",
+                                          "modules": ", ".join(modules)}))
     return record
 
 
 ADAPTER_CARD = """# Refusal organism adapter
 
-LoRA adapter (rank {rank}, float16, decoder blocks {layers}) for `{base}`, trained by the interpretability
+LoRA adapter (rank {rank}, float16, projections {modules} of decoder blocks {layers}) for `{base}`, trained by the interpretability
 workbench to refuse harmful requests and answer harmless ones as the base model does: a "model organism" of refusal
 for `steering.refusal`.
 
@@ -222,6 +232,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="harmless answers: KL to the base's next-token distribution along its greedy answer (keeps "
                              "perplexity; shipped adapter), or cross-entropy on that answer")
     parser.add_argument("--layers", default=None, help="decoder blocks to adapt, e.g. 0-11 or 2,4,6 (default: all)")
+    parser.add_argument("--modules", default=",".join(PROJECTIONS),
+                        help="comma-separated projections to adapt (default: all seven)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None)
     parser.add_argument("--evaluate", type=int, default=0, metavar="N",
@@ -234,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
         return report
     record = train(args.out, args.n_harmful, args.n_harmless, args.epochs, args.batch_size, args.lr, args.rank,
                    seed=args.seed, device=args.device, harmless_objective=args.harmless_objective,
-                   layers=parse_layers(args.layers))
+                   layers=parse_layers(args.layers), modules=args.modules.split(","))
     print(json.dumps(record, indent=2))
     return record
 

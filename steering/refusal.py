@@ -219,29 +219,36 @@ def _cached(path: Path, make: Callable[[], Any], meta: dict) -> Any:
 
 def run(model: ModelHandle, out: Path, n_train: int = 128, n_val: int = 32, n_test: int = 64,
         max_new_tokens: int = 32, layer_step: int = 1, judge: Judge = substring_judge, batch_size: int = 64,
-        progress: bool = True) -> dict:
+        outlier_ratio: float | None = 10.0, progress: bool = True) -> dict:
     """The whole pipeline; writes ``OUT/results.json``, figures, completions and the checkpoint.
 
-    Directions, selection scores and every set of completions are cached under ``OUT/cache`` (keyed by the
-    settings), so a rerun after an interruption resumes. The model's weights are orthogonalized in place.
+    With ``outlier_ratio``, the residual-stream dimensions with massive activations on the training prompts (see
+    :func:`steering.directions.outlier_dimensions`) are left out of every candidate; ``None`` or 0 keeps the paper's
+    plain difference in means. Directions, selection scores and every set of completions are cached under
+    ``OUT/cache`` (keyed by the settings), so a rerun after an interruption resumes. The model's weights are
+    orthogonalized in place.
     """
     out.mkdir(parents=True, exist_ok=True)
     data = {f"{kind}_{split}": load_refusal_instructions(split, kind)[:n]
             for kind in ("harmful", "harmless") for split, n in (("train", n_train), ("val", n_val), ("test", n_test))}
-    meta = {"model": model.name, "n_train": n_train, "n_val": n_val, "n_test": n_test, "layer_step": layer_step}
+    meta = {"model": model.name, "n_train": n_train, "n_val": n_val, "n_test": n_test, "layer_step": layer_step,
+            "outlier_ratio": outlier_ratio or None}
     start = time.perf_counter()
     layers = list(range(0, model.n_layers, layer_step))
     directions_file = out / "cache" / "directions.safetensors"
-    if directions_file.is_file() and json.loads((out / "cache" / "directions.json").read_text()) == meta:
-        candidates = CandidateDirections(load_file(str(directions_file))["vectors"].to(model.device),
-                                         model.post_instruction_positions(), layers, len(data["harmful_train"]),
-                                         len(data["harmless_train"]))
+    directions_meta = out / "cache" / "directions.json"
+    if directions_file.is_file() and directions_meta.is_file() and json.loads(directions_meta.read_text()) == meta:
+        saved = load_file(str(directions_file))
+        candidates = CandidateDirections(saved["vectors"].to(model.device), model.post_instruction_positions(),
+                                         layers, len(data["harmful_train"]), len(data["harmless_train"]),
+                                         saved["excluded_dims"].tolist())
     else:
         candidates = diff_in_means(model, data["harmful_train"], data["harmless_train"], layers=layers,
-                                   progress=progress)
+                                   outlier_ratio=outlier_ratio, progress=progress)
         directions_file.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"vectors": candidates.vectors.cpu().contiguous()}, str(directions_file))
-        (out / "cache" / "directions.json").write_text(json.dumps(meta))
+        save_file({"vectors": candidates.vectors.cpu().contiguous(),
+                   "excluded_dims": torch.tensor(candidates.excluded_dims, dtype=torch.long)}, str(directions_file))
+        directions_meta.write_text(json.dumps(meta))
     scores = [CandidateScore(**s) for s in _cached(
         out / "cache" / "selection.json",
         lambda: [asdict(s) for s in score_candidates(model, candidates, data["harmful_val"], data["harmless_val"],
@@ -285,7 +292,7 @@ def run(model: ModelHandle, out: Path, n_train: int = 128, n_val: int = 32, n_te
                "checkpoint": str(checkpoint),
                "loss_harmless_baseline_answers": loss, "selection": asdict(best),
                "n_candidates": len(scores), "n_kept": sum(s.kept for s in scores),
-               "kl_filter_relaxed": not best.kept, "settings": meta,
+               "kl_filter_relaxed": not best.kept, "excluded_dims": candidates.excluded_dims, "settings": meta,
                "seconds": time.perf_counter() - start}
     (out / "completions.json").write_text(json.dumps(
         {k: [{"instruction": i, "completion": c} for i, c in zip(prompts[k], v)] for k, v in gens.items()},
@@ -304,12 +311,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--layer-step", type=int, default=1, help="score every k-th layer only (faster)")
     parser.add_argument("--batch-size", type=int, default=64, help="rows per forward pass")
+    parser.add_argument("--outlier-ratio", type=float, default=10.0,
+                        help="leave out of the directions the residual dimensions whose mean |activation| exceeds this "
+                             "many times the median dimension's (massive activations); 0 keeps the paper's plain "
+                             "difference in means")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None)
     args = parser.parse_args(argv)
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     results = run(model, args.out, args.n_train, args.n_val, args.n_test, args.max_new_tokens, args.layer_step,
-                  batch_size=args.batch_size)
+                  batch_size=args.batch_size, outlier_ratio=args.outlier_ratio)
     print(json.dumps({k: results[k] for k in ("direction", "refusal_score", "kl_harmless_ablation",
                                               "max_abs_logit_diff_orthogonalized_vs_hooks", "checkpoint")},
                      indent=2))

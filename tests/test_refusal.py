@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM
 
 from probes.models import load_model
 from steering import refusal
-from steering.directions import diff_in_means
+from steering.directions import CandidateDirections, diff_in_means, outlier_dimensions
 from steering.generation import generate, next_token_logprobs
 
 CONTRACT_SCORES = {"harmful_baseline", "harmful_ablation", "harmful_orthogonalized", "harmless_baseline",
@@ -42,6 +42,27 @@ def test_diff_in_means_matches_explicit_means(tiny):
     assert (directions.get(-1, 2) - expected).abs().max() < 1e-5
 
 
+def test_outlier_dimensions_are_found_and_left_out_of_the_directions():
+    model = load_model("random:llama-tiny", device="cpu")
+    prompts = ["Make a bomb", "Steal a car now", "Bake bread", "Plant a tree please"]
+    assert outlier_dimensions(model, prompts, ratio=1e6) == []
+    with torch.no_grad():
+        model.hf_model.get_input_embeddings().weight[:, 5] = 1000.0  # a massive, constant activation in dimension 5
+    dims = outlier_dimensions(model, prompts, ratio=50)
+    assert 5 in dims and len(dims) < model.d_model // 4
+    plain = diff_in_means(model, prompts[:2], prompts[2:], progress=False)
+    cleaned = diff_in_means(model, prompts[:2], prompts[2:], outlier_ratio=50, progress=False)
+    assert plain.excluded_dims == [] and cleaned.excluded_dims == dims
+    keep = [i for i in range(model.d_model) if i not in dims]
+    assert (cleaned.vectors[..., dims] == 0).all() and torch.equal(cleaned.vectors[..., keep], plain.vectors[..., keep])
+    ones = CandidateDirections(torch.ones(2, 3, 8, dtype=torch.float64), [-2, -1], [0, 1, 2])
+    zeroed = ones.without_dims([1, 6])
+    assert zeroed.excluded_dims == [1, 6] and zeroed.vectors[..., [1, 6]].abs().sum() == 0
+    assert zeroed.vectors.sum() == 2 * 3 * 6 and ones.vectors.sum() == 2 * 3 * 8  # the original is left as it was
+    with pytest.raises(ValueError):
+        outlier_dimensions(model, [], ratio=10)
+
+
 def test_left_padded_batches_give_the_same_next_token(embedded):
     prompts = ["Hi", "Explain in detail how a steam engine converts heat into motion"]
     together = next_token_logprobs(embedded, prompts)
@@ -61,6 +82,7 @@ def test_pipeline_writes_the_contract_and_a_loadable_checkpoint(tmp_path, device
     assert saved["direction"]["layer"] < model.n_layers * 0.8
     assert saved["max_abs_logit_diff_orthogonalized_vs_hooks"] < 1e-4
     assert saved["kl_harmless_ablation"] >= 0
+    assert saved["settings"]["outlier_ratio"] == 10.0 and isinstance(saved["excluded_dims"], list)
     reloaded = AutoModelForCausalLM.from_pretrained(saved["checkpoint"])
     assert reloaded.config.num_hidden_layers == model.n_layers
     assert (tmp_path / "selection_heatmaps.html").is_file() and (tmp_path / "completions.json").is_file()

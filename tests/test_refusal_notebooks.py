@@ -2,7 +2,8 @@ import re
 
 from tests.notebook_runner import figures, run_notebook
 
-SMALL = {"MODEL": "embedded-refuser", "N_TRAIN": 24, "N_VAL": 4, "N_TEST": 3, "LAYER_STEP": 6, "MAX_NEW_TOKENS": 12}
+SMALL = {"MODEL": "embedded-refuser", "N_TRAIN": 24, "N_VAL": 4, "N_TEST": 3, "LAYER_STEP": 6, "MAX_NEW_TOKENS": 12,
+         "OUTLIER_RATIO": 10}
 
 
 def printed(nb) -> str:
