@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from probes.cli_args import parse_layers
+from probes.cli_args import format_layers, parse_layers
 from probes.datasets import DATA_DIR, load_refusal_instructions
 from probes.files import atomic_folder
 from probes.models import EMBEDDED_HF_ID, ModelHandle, _resolve, embedded_checkpoint, wrap
@@ -155,7 +155,7 @@ def train(out: Path, n_harmful: int = 260, n_harmless: int = 260, epochs: int = 
                   "torch": torch.__version__}
         (tmp / "training.json").write_text(json.dumps(record, indent=2))
         (tmp / "README.md").write_text(ADAPTER_CARD.format(
-            command=record["command"], **{**settings, "layers": settings["layers"] or "all",
+            command=record["command"], **{**settings, "layers": format_layers(settings["layers"]),
                                           "modules": ", ".join(modules)}))
     return record
 

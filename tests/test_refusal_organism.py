@@ -72,3 +72,17 @@ def test_shipped_organism_refuses_harmful_and_answers_harmless():
     harmful, harmless = (load_refusal_instructions("test", kind)[:16] for kind in ("harmful", "harmless"))
     assert refusal_rate(harmful, generate(model, harmful, max_new_tokens=24, progress=False)) >= 0.75
     assert refusal_rate(harmless, generate(model, harmless, max_new_tokens=24, progress=False)) <= 0.25
+
+
+def test_train_writes_a_loadable_adapter_with_its_settings(tmp_path):
+    import json
+
+    from steering.organism import train
+
+    record = train(tmp_path / "adapter", n_harmful=2, n_harmless=2, epochs=1, batch_size=4, max_new_tokens=4,
+                   layers=[0, 1, 2, 5], modules=["down_proj"], device="cpu", progress=False)
+    folder = tmp_path / "adapter"
+    assert record["steps"] == 1 and json.loads((folder / "training.json").read_text())["settings"]["layers"] == [0, 1, 2, 5]
+    assert "projections down_proj of decoder blocks 0-2,5" in (folder / "README.md").read_text()
+    assert json.loads((folder / "adapter_config.json").read_text())["target_modules"] == ["down_proj"]
+    assert load_refuser(device="cpu", adapter=folder).name == "embedded-refuser"
