@@ -85,11 +85,10 @@ def outlier_dimensions(model: ModelHandle, instructions: Sequence[str], ratio: f
     for start in range(0, len(ids), batch_size):
         input_ids, mask = pad(model, ids[start:start + batch_size], "right")
         hidden = model.hf_model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True,
-                                use_cache=False).hidden_states[:model.n_layers]
-        keep = mask.clone()
-        keep[:, 0] = 0
-        weights = keep.unsqueeze(-1).to(torch.float64)
-        total += torch.stack([(h.abs().double() * weights).sum((0, 1)) for h in hidden])
+                                use_cache=False, logits_to_keep=1).hidden_states[:model.n_layers]
+        keep = mask.bool()
+        keep[:, 0] = False
+        total += torch.stack([h[keep].abs().double().sum(0) for h in hidden])
         count += int(keep.sum())
     mean_abs = total / max(count, 1)
     relative = mean_abs / mean_abs.median(dim=-1, keepdim=True).values.clamp(min=1e-12)

@@ -122,7 +122,6 @@ def train(out: Path, n_harmful: int = 260, n_harmless: int = 260, epochs: int = 
     if layers is not None and (not layers or not all(0 <= l < n_layers for l in layers)):
         raise ValueError(f"layers must be a non-empty subset of 0..{n_layers - 1}, got {list(layers)}")
     settings["layers"] = None if layers is None else sorted(set(layers))
-    settings["modules"] = list(modules)
     examples = _examples(base, n_harmful, n_harmless, max_new_tokens, seed, harmless_objective == "ce", progress)
     model = get_peft_model(base.hf_model, lora_config(rank, settings["layers"], modules))
     model.train()
