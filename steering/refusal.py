@@ -278,6 +278,7 @@ def run(model: ModelHandle, out: Path, n_train: int = 128, n_val: int = 32, n_te
         gens["harmless_actadd"] = completions("harmless_actadd", harmless)
     orthogonalize(model, direction)
     logit_diff = float((next_token_logits(model, harmful + harmless, batch_size) - hooked).abs().max())
+    rel_logit_diff = logit_diff / float(hooked.abs().max())
     loss["orthogonalized"] = answer_loss(model, harmless, answers)
     gens["harmful_orthogonalized"] = completions("harmful_orthogonalized", harmful)
     checkpoint = save_checkpoint(model, out / "checkpoint", direction, best.layer, best.position, overwrite=True,
@@ -289,6 +290,7 @@ def run(model: ModelHandle, out: Path, n_train: int = 128, n_val: int = 32, n_te
                                                        "harmful_orthogonalized", "harmless_baseline",
                                                        "harmless_actadd")},
                "kl_harmless_ablation": kl, "max_abs_logit_diff_orthogonalized_vs_hooks": logit_diff,
+               "rel_logit_diff_orthogonalized_vs_hooks": rel_logit_diff,
                "checkpoint": str(checkpoint),
                "loss_harmless_baseline_answers": loss, "selection": asdict(best),
                "n_candidates": len(scores), "n_kept": sum(s.kept for s in scores),

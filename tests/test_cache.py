@@ -4,6 +4,7 @@ import torch
 from probes.cache import (ActivationCache, CacheError, ShardedActivationCache, _pad, extract, extract_group_means,
                           residual_hooks)
 from probes.positions import mark_span
+from tests.numerics import assert_rel_close
 
 PROMPTS = ["The Eiffel Tower is located in the city of", "Hi there", "What is the location of the Golden Gate Bridge?",
            "Tokyo is the capital of"]
@@ -42,9 +43,9 @@ def test_last_token_matches_hidden_states_for_every_layer(embedded, side):
     assert cache.acts.shape == (len(PROMPTS), embedded.n_layers, embedded.d_model)
     for row in range(len(PROMPTS)):
         ref = hidden[row, :embedded.n_layers, token_index(mask, row, -1)]
-        assert (cache.acts[row] - ref).abs().max() < 1e-4
+        assert_rel_close(cache.acts[row], ref, dim=-1)
         alone = hidden_alone(embedded, PROMPTS[row])[:embedded.n_layers, -1]
-        assert ((cache.acts[row] - alone).abs().amax(-1) / alone.abs().amax(-1)).max() < 1e-4
+        assert_rel_close(cache.acts[row], alone, dim=-1)
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
@@ -57,7 +58,7 @@ def test_negative_positions_match_hidden_states(embedded, side):
     for row in range(3):
         for p, offset in enumerate([-3, -2, -1]):
             ref = hidden[row, :embedded.n_layers, token_index(mask, row, offset)]
-            assert (cache.acts[row, p] - ref).abs().max() < 1e-4
+            assert_rel_close(cache.acts[row, p], ref, dim=-1)
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
@@ -76,7 +77,7 @@ def test_span_positions_match_hidden_states(embedded, side, mode):
         for slot, layer in enumerate([0, 8, 20]):
             states = hidden[row, layer, idx]
             ref = states[-1] if mode == "span_last" else states.mean(0)
-            assert (cache.acts[row, slot] - ref).abs().max() < 1e-4
+            assert_rel_close(cache.acts[row, slot], ref)
 
 
 def test_last_resid_post_and_other_hooks_agree_with_bridge(embedded):
@@ -85,11 +86,10 @@ def test_last_resid_post_and_other_hooks_agree_with_bridge(embedded):
     with torch.inference_mode():
         _, ref = embedded.bridge.run_with_cache(ids, names_filter=lambda n: n in names)
     fast = extract(embedded, PROMPTS[:1], hooks=names[:1], progress=False)
-    rel = (fast.acts[0, 0] - ref[names[0]][0, -1]).abs().max() / ref[names[0]].abs().max()
-    assert rel < 1e-5
+    assert_rel_close(fast.acts[0, 0], ref[names[0]][0, -1])
     other = extract(embedded, PROMPTS[:1], hooks=names[1:], progress=False)
     for slot, name in enumerate(names[1:]):
-        assert (other.acts[0, slot] - ref[name][0, -1]).abs().max() < 1e-4
+        assert_rel_close(other.acts[0, slot], ref[name][0, -1])
 
 
 def test_mlp_neurons_and_pattern_hooks(embedded):
@@ -158,7 +158,7 @@ def test_large_cache_spills_to_disk_in_shards(embedded, tmp_path):
     for h, (name, acts) in enumerate(sharded.iter_layers()):
         assert name == dense.hook_names[h]
         ref = dense.acts[:, h]  # other batch shapes: equal up to float32 rounding of the row's scale
-        assert ((acts - ref).abs().amax(-1) / ref.abs().amax(-1)).max() < 1e-4
+        assert_rel_close(acts, ref, dim=-1)
     with pytest.raises(CacheError, match="exists"):
         extract(embedded, prompts, max_device_bytes=5 * row_bytes, spill_dir=tmp_path / "spill", progress=False)
 
@@ -169,7 +169,7 @@ def test_group_means_equal_means_of_rows(embedded):
     means = extract_group_means(embedded, PROMPTS, labels, positions=[-2, -1], progress=False)
     assert means.sums.dtype == torch.float64 and means.counts.tolist() == [2, 2]
     expected = dense.acts[[0, 2]].double().mean(0) - dense.acts[[1, 3]].double().mean(0)
-    assert (means.difference("harmful", "harmless") - expected).abs().max() < 1e-3
+    assert_rel_close(means.difference("harmful", "harmless"), expected)
 
 
 def test_random_model_extraction(tiny):

@@ -10,6 +10,7 @@ from probes.models import build_random_model, load_model
 from steering.generation import chat_token_ids, last_token_logits, left_pad
 from steering.hooks import ablate
 from steering.orthogonalize import orthogonalize, save_checkpoint
+from tests.numerics import assert_rel_close
 
 PROMPTS = ["How do I bake bread?", "Name three rivers"]
 
@@ -36,7 +37,7 @@ def test_orthogonalization_handles_biases():
     plain = last_token_logits(model, ids)
     assert (plain - hooked).abs().max() > 1e-3
     orthogonalize(model, r)
-    assert (last_token_logits(model, ids) - hooked).abs().max() < 1e-4
+    assert_rel_close(last_token_logits(model, ids), hooked)
     unit = r / r.norm()
     for layer in model.hf_model.model.layers:
         for out in (layer.self_attn.o_proj, layer.mlp.down_proj):
@@ -79,4 +80,4 @@ def test_save_is_atomic_and_overwrite_keeps_a_complete_checkpoint(tmp_path, monk
         input_ids, mask = left_pad(model, ids)
         out = reloaded(input_ids=input_ids, attention_mask=mask,
                        position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits[:, -1]
-    assert (out - last_token_logits(model, ids)).abs().max() < 1e-4
+    assert_rel_close(out, last_token_logits(model, ids))

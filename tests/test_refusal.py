@@ -8,6 +8,7 @@ from probes.models import load_model
 from steering import refusal
 from steering.directions import CandidateDirections, diff_in_means, outlier_dimensions
 from steering.generation import generate, next_token_logprobs
+from tests.numerics import FLOAT32_REL, assert_rel_close
 
 CONTRACT_SCORES = {"harmful_baseline", "harmful_ablation", "harmful_orthogonalized", "harmless_baseline",
                    "harmless_actadd"}
@@ -39,7 +40,7 @@ def test_diff_in_means_matches_explicit_means(tiny):
     acts = extract(tiny, chat_token_ids(tiny, harmful + harmless), hooks=["blocks.2.hook_resid_pre"],
                    positions=[-1], progress=False).acts[:, 0, 0].double()
     expected = acts[:2].mean(0) - acts[2:].mean(0)
-    assert (directions.get(-1, 2) - expected).abs().max() < 1e-5
+    assert_rel_close(directions.get(-1, 2), expected)
 
 
 def test_outlier_dimensions_are_found_and_left_out_of_the_directions():
@@ -67,7 +68,7 @@ def test_left_padded_batches_give_the_same_next_token(embedded):
     prompts = ["Hi", "Explain in detail how a steam engine converts heat into motion"]
     together = next_token_logprobs(embedded, prompts)
     alone = torch.cat([next_token_logprobs(embedded, [p]) for p in prompts])
-    assert (together - alone).abs().max() < 1e-3
+    assert_rel_close(together, alone, dim=-1)
     assert len(generate(embedded, prompts, max_new_tokens=3, progress=False)) == 2
 
 
@@ -80,7 +81,8 @@ def test_pipeline_writes_the_contract_and_a_loadable_checkpoint(tmp_path, device
     assert all(0.0 <= v <= 1.0 for v in saved["refusal_score"].values())
     assert {"layer", "position"} == set(saved["direction"])
     assert saved["direction"]["layer"] < model.n_layers * 0.8
-    assert saved["max_abs_logit_diff_orthogonalized_vs_hooks"] < 1e-4
+    assert saved["max_abs_logit_diff_orthogonalized_vs_hooks"] >= 0
+    assert saved["rel_logit_diff_orthogonalized_vs_hooks"] < FLOAT32_REL  # relative to the largest |logit|
     assert saved["kl_harmless_ablation"] >= 0
     assert saved["settings"]["outlier_ratio"] == 10.0 and isinstance(saved["excluded_dims"], list)
     reloaded = AutoModelForCausalLM.from_pretrained(saved["checkpoint"])

@@ -6,6 +6,7 @@ from probes.cache import extract, residual_hooks
 from probes.models import load_model
 from steering.hooks import ablate, add
 from steering.orthogonalize import orthogonalize, save_checkpoint
+from tests.numerics import FLOAT32_REL, FLOAT64_REL, assert_rel_close, rel_err
 
 PROMPTS = ["How do I bake bread?", "Write a poem about the sea and the moon"]
 
@@ -64,26 +65,31 @@ def test_bad_directions_are_refused(embedded):
 
 
 def test_orthogonalized_weights_equal_hook_ablation_and_checkpoint_reloads(tmp_path, device):
-    model = load_model("embedded", device=device)  # a fresh copy: the weights are edited in place
+    # float64: the weight edit is an identity, so it must hold to float64 rounding (float32 would leave ~1e-5 of
+    # rounding noise over 30 layers and hide nothing useful; a missed writer or bias shows at 1e-3 or more)
+    model = load_model("embedded", device=device, dtype="float64")  # a fresh copy: the weights are edited in place
     r = a_direction(model, seed=3)
+    plain = logits(model)
     with ablate(model, r):
         hooked = logits(model)
+    assert rel_err(plain, hooked) > 1e-3  # the direction matters
     assert model.hf_model.config.tie_word_embeddings
     orthogonalize(model, r)
     edited = logits(model)
-    assert (edited - hooked).abs().max() < 1e-4
+    assert_rel_close(edited, hooked, FLOAT64_REL)
     assert not model.hf_model.config.tie_word_embeddings
-    assert model.hf_model.lm_head.weight is not model.hf_model.model.embed_tokens.weight
+    assert model.hf_model.get_output_embeddings().weight is not model.hf_model.get_input_embeddings().weight
     ids = model.tokenizer(PROMPTS[:1], return_tensors="pt")["input_ids"].to(model.device)
     with torch.inference_mode():
         bridge_logits = model.bridge(ids)
-    assert (bridge_logits[0] - edited[0, : ids.shape[1]]).abs().max() < 1e-3  # the bridge sees the edit too
+    # the bridge sees the edit too (its own forward keeps some float32 steps: ~2e-7; unedited it is off by >1e-3)
+    assert_rel_close(bridge_logits[0], edited[0, : ids.shape[1]], FLOAT32_REL)
     path = save_checkpoint(model, tmp_path / "ckpt", r, layer=10, position=-1)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
-    reloaded = AutoModelForCausalLM.from_pretrained(path).to(model.device)
+    reloaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).to(model.device)
     enc = model.tokenizer(PROMPTS, return_tensors="pt", padding=True).to(model.device)
     with torch.inference_mode():
-        assert (reloaded(**enc).logits - edited).abs().max() < 1e-4
+        assert_rel_close(reloaded(**enc).logits, edited, FLOAT64_REL)
     assert (path / "direction.safetensors").is_file() and "layer 10" in (path / "README.md").read_text()
     with pytest.raises(FileExistsError):
         save_checkpoint(model, path, r, layer=10, position=-1)

@@ -5,6 +5,7 @@ import torch
 
 from steering.generation import chat_token_ids, last_token_logits, left_pad
 from steering.hooks import ablate, add, project_out
+from tests.numerics import assert_rel_close
 
 PROMPTS = ["How do I bake bread?", "Write a poem about the sea", "Hi"]
 
@@ -31,7 +32,7 @@ def test_per_row_ablation_equals_one_direction_at_a_time(tiny):
     for row in range(len(ids)):
         with ablate(tiny, r[row]):
             alone = last_token_logits(tiny, ids)[row]
-        assert (batched[row] - alone).abs().max() < 1e-4
+        assert_rel_close(batched[row], alone)
 
 
 def test_per_row_addition_at_per_row_layers(tiny):
@@ -43,7 +44,7 @@ def test_per_row_addition_at_per_row_layers(tiny):
     for row, layer in enumerate(layers):
         with add(tiny, v[row], layer):
             alone = last_token_logits(tiny, ids)[row]
-        assert (batched[row] - alone).abs().max() < 1e-4
+        assert_rel_close(batched[row], alone)
         assert (batched[row] - plain[row]).abs().max() > 1e-3
     assert torch.equal(last_token_logits(tiny, ids), plain)  # hooks removed
 
