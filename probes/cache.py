@@ -28,7 +28,7 @@ from probes import positions as pos
 from probes.models import ModelHandle, default_device
 
 FORMAT_VERSION = 1
-_RESID = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
+RESIDUAL_HOOK = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
 
@@ -73,7 +73,7 @@ def _check_hooks(model: ModelHandle, hooks: Sequence[str]) -> list[str]:
 
 def hook_width(model: ModelHandle, hooks: Sequence[str]) -> int:
     """Width of the activations at ``hooks``; all must be [batch, seq, width] tensors of one width."""
-    if all(_RESID.match(h) for h in hooks):
+    if all(RESIDUAL_HOOK.match(h) for h in hooks):
         return model.d_model
     shapes: dict[str, tuple] = {}
 
@@ -294,15 +294,6 @@ class _Plan:
     batches: list[list[int]]
 
 
-def decoder_layers(hf_model) -> torch.nn.ModuleList:
-    """The list of transformer blocks of a Hugging Face causal LM."""
-    base = hf_model.get_decoder() if hasattr(hf_model, "get_decoder") else hf_model
-    for attr in ("layers", "h", "blocks"):
-        if isinstance(getattr(base, attr, None), torch.nn.ModuleList):
-            return getattr(base, attr)
-    raise ValueError(f"cannot find the decoder layers of {type(hf_model).__name__}")
-
-
 def default_batch_tokens(device: torch.device) -> int:
     return 32768 if device.type == "cuda" else 4096
 
@@ -360,7 +351,7 @@ def _run(model: ModelHandle, plan: _Plan, sink, padding_side: str, progress: boo
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     device = model.device
-    resid = [_RESID.match(h) for h in plan.hooks]
+    resid = [RESIDUAL_HOOK.match(h) for h in plan.hooks]
     fast = all(resid)
     state: dict = {}
 
@@ -371,7 +362,7 @@ def _run(model: ModelHandle, plan: _Plan, sink, padding_side: str, progress: boo
 
     with contextlib.ExitStack() as stack:
         if fast:
-            _add_layer_hooks(stack, decoder_layers(model.hf_model), [(int(m.group(1)), m.group(2)) for m in resid],
+            _add_layer_hooks(stack, model.architecture.blocks, [(int(m.group(1)), m.group(2)) for m in resid],
                              store)
             forward = model.hf_model
         else:

