@@ -277,12 +277,20 @@ def run(model: ModelHandle, out: Path, n_train: int = 128, n_val: int = 32, n_te
     with add(model, direction, best.layer):
         gens["harmless_actadd"] = completions("harmless_actadd", harmless)
     orthogonalize(model, direction)
-    logit_diff = float((next_token_logits(model, harmful + harmless, batch_size) - hooked).abs().max())
+    edited = next_token_logits(model, harmful + harmless, batch_size)
+    logit_diff = float((edited - hooked).abs().max())
     rel_logit_diff = logit_diff / float(hooked.abs().max())
+    # exact architectures: ~0 (float32 rounding); post-norm ones (Gemma-2/3, OLMo-2): what the weight edit costs
+    kl_edit = float(kl_divergence(torch.log_softmax(hooked.double(), -1), torch.log_softmax(edited.double(), -1))
+                    .mean())
+    exactness = ("exact (the edit equals the hook ablation)" if model.extra["orthogonalized"]["exact"] else
+                 "approximate: post-norm blocks")
     loss["orthogonalized"] = answer_loss(model, harmless, answers)
     gens["harmful_orthogonalized"] = completions("harmful_orthogonalized", harmful)
     checkpoint = save_checkpoint(model, out / "checkpoint", direction, best.layer, best.position, overwrite=True,
-                                 notes=f"Selected by `python -m steering.refusal` on {model.name}.")
+                                 notes=f"Selected by `python -m steering.refusal` on {model.name}. Weight edit "
+                                       f"{exactness}; mean KL(hooks || weights) of the next token on "
+                                       f"{len(harmful) + len(harmless)} held-out prompts: {kl_edit:.3g}.")
     prompts = {k: harmful if k.startswith("harmful") else harmless for k in gens}
     rates = {k: refusal_rate(prompts[k], v, judge) for k, v in gens.items()}
     results = {"model": model.name, "direction": {"layer": best.layer, "position": best.position},
@@ -291,6 +299,7 @@ def run(model: ModelHandle, out: Path, n_train: int = 128, n_val: int = 32, n_te
                                                        "harmless_actadd")},
                "kl_harmless_ablation": kl, "max_abs_logit_diff_orthogonalized_vs_hooks": logit_diff,
                "rel_logit_diff_orthogonalized_vs_hooks": rel_logit_diff,
+               "kl_orthogonalized_vs_hooks": kl_edit, "orthogonalization": model.extra["orthogonalized"],
                "checkpoint": str(checkpoint),
                "loss_harmless_baseline_answers": loss, "selection": asdict(best),
                "n_candidates": len(scores), "n_kept": sum(s.kept for s in scores),
@@ -324,7 +333,8 @@ def main(argv: list[str] | None = None) -> dict:
     results = run(model, args.out, args.n_train, args.n_val, args.n_test, args.max_new_tokens, args.layer_step,
                   batch_size=args.batch_size, outlier_ratio=args.outlier_ratio)
     print(json.dumps({k: results[k] for k in ("direction", "refusal_score", "kl_harmless_ablation",
-                                              "max_abs_logit_diff_orthogonalized_vs_hooks", "checkpoint")},
+                                              "max_abs_logit_diff_orthogonalized_vs_hooks", "kl_orthogonalized_vs_hooks",
+                                              "checkpoint")},
                      indent=2))
     return results
 

@@ -182,3 +182,20 @@ def test_an_unsupported_architecture_is_a_clear_error():
     with pytest.raises(UnsupportedArchitecture, match="MambaForCausalLM"):
         with ablate(model, torch.randn(model.d_model)):
             pass
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gpt2", "qwen3_moe"])  # post-norm, Conv1D + position embedding, MoE
+def test_refusal_pipeline_runs_end_to_end(family, tmp_path):
+    from steering import refusal
+
+    model = load_model(f"random:{family}", device="cpu")
+    results = refusal.run(model, tmp_path, n_train=6, n_val=4, n_test=4, max_new_tokens=3, progress=False)
+    assert results["orthogonalization"]["exact"] == (family not in POST_NORM)
+    if family in POST_NORM:
+        assert results["kl_orthogonalized_vs_hooks"] > 0
+    else:
+        assert results["rel_logit_diff_orthogonalized_vs_hooks"] < FLOAT32_REL
+    card = (tmp_path / "checkpoint" / "README.md").read_text()
+    assert ("post-norm" in card) == (family in POST_NORM) and "KL(hooks || weights)" in card
+    reloaded = AutoModelForCausalLM.from_pretrained(results["checkpoint"])
+    assert type(reloaded).__name__ == model.architecture.name
