@@ -6,8 +6,10 @@ Training uses SAELens's own machinery: a ``TrainingSAE`` (``StandardTrainingSAE`
 ``ActivationsStore`` (which needs a HookedTransformer and a hub dataset). The result is converted to SAELens's
 inference class (``StandardSAE`` / ``TopKSAE``), so ``encode`` / ``decode`` and SAELens tooling work as usual.
 
-The SAE hook point is always the residual stream entering decoder block ``layer`` (``blocks.{layer}.hook_resid_pre``).
-Evaluation splices the reconstruction into ``model.hf_model`` with a forward pre-hook on that block.
+An SAE acts at its own hook point, ``sae.cfg.metadata.hook_name`` (SAELens's convention, see :func:`sae_hook_name`):
+the residual stream entering block L (``blocks.L.hook_resid_pre``, the shipped SAEs) or leaving it
+(``blocks.L.hook_resid_post``, e.g. Gemma Scope's ``layer_L`` residual SAEs). Evaluation splices the reconstruction
+into ``model.hf_model`` there (:func:`steering.hooks.replace_residual`).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from probes.datasets import DATA_DIR
 from probes.files import atomic_folder
 from probes.models import ModelHandle
 from steering.generation import pad
-from steering.hooks import replace_block_inputs
+from steering.hooks import replace_residual, residual_point
 
 ARCHITECTURES = ("standard", "topk")
 SAE_DIR = DATA_DIR / "sae"  # shipped SAEs: SAE_DIR / <model name> / layer_<L>
@@ -95,7 +97,8 @@ def train_sae(acts: torch.Tensor, d_sae: int, l1_coefficient: float = 5.0, *, ar
     learning rate decays linearly to 0 over the last ``lr_decay_fraction`` (as in Anthropic's April 2024 update).
     With ``normalize``, activations are scaled to mean norm sqrt(d_in) during training (so ``l1_coefficient`` means
     the same at every layer) and the scale is folded into the weights afterwards. ``metadata`` (e.g. ``model_name``,
-    ``hook_name``, ``layer``) is stored in ``sae.cfg.metadata`` together with the training settings.
+    ``layer`` and ``hook_name``, the hook point ``acts`` were read at, which decides where the SAE is applied) is
+    stored in ``sae.cfg.metadata`` together with the training settings.
     """
     _check_acts(acts)
     if architecture not in ARCHITECTURES:
@@ -200,6 +203,32 @@ def load_pretrained_sae(release: str, sae_id: str, device: str | torch.device = 
                       f"steering.sae.train_sae.") from e
 
 
+# ---------------------------------------------------------------- hook point
+
+def _describe(sae: SAE) -> str:
+    """A short name for error messages: class, sizes and, where recorded, the model it was trained on."""
+    model_name = getattr(sae.cfg.metadata, "model_name", None)
+    return (f"the {type(sae).__name__} (d_in={sae.cfg.d_in}, d_sae={sae.cfg.d_sae}"
+            + (f", model {model_name}" if model_name else "") + ")")
+
+
+def sae_hook_name(sae: SAE, model: ModelHandle | None = None) -> str:
+    """The hook point the SAE was trained on, ``sae.cfg.metadata.hook_name`` (e.g. ``blocks.12.hook_resid_post``):
+    where it encodes and where edits through it land. With ``model``, it is also checked to be a residual-stream
+    point the workbench can edit in that model (:func:`steering.hooks.residual_point`)."""
+    hook_name = getattr(sae.cfg.metadata, "hook_name", None)
+    if not hook_name:
+        raise ValueError(f"{_describe(sae)} records no hook point, so where it reads the model is unknown: set "
+                         "sae.cfg.metadata.hook_name (e.g. 'blocks.12.hook_resid_pre'), or pass "
+                         "metadata={'hook_name': ...} to train_sae")
+    if model is not None:
+        try:
+            residual_point(model, hook_name)
+        except ValueError as e:
+            raise ValueError(f"{_describe(sae)}: {e}") from e
+    return hook_name
+
+
 # ---------------------------------------------------------------- evaluation
 
 def reconstruct(sae: SAE, x: torch.Tensor) -> torch.Tensor:
@@ -264,19 +293,18 @@ def _summed_ce(model: ModelHandle, input_ids: torch.Tensor, mask: torch.Tensor) 
 
 
 @torch.no_grad()
-def reconstruction_ce(model: ModelHandle, sae: SAE, layer: int,
-                      prompts: Sequence[str] | Sequence[Sequence[int]], batch_size: int = 8,
-                      max_length: int = 256) -> dict[str, float]:
-    """Next-token cross-entropy with the residual entering block ``layer`` clean, SAE-reconstructed, zero-ablated.
+def reconstruction_ce(model: ModelHandle, sae: SAE, prompts: Sequence[str] | Sequence[Sequence[int]],
+                      batch_size: int = 8, max_length: int = 256) -> dict[str, float]:
+    """Next-token cross-entropy with the residual at the SAE's hook point (:func:`sae_hook_name`) clean,
+    SAE-reconstructed, zero-ablated.
 
     ``prompts``: held-out texts or token-id lists, each cut to ``max_length`` tokens. The reconstruction (resp.
     zeros) replaces the residual at every real token except BOS. ``ce_loss_recovered`` = (CE_zero - CE_sae) /
     (CE_zero - CE_clean): 1 for a perfect reconstruction, 0 for one as bad as zeros.
     """
-    if not 0 <= layer < model.n_layers:
-        raise ValueError(f"layer must be in 0..{model.n_layers - 1}, got {layer}")
     if sae.cfg.d_in != model.d_model:
         raise ValueError(f"the SAE has d_in={sae.cfg.d_in}, the model d_model={model.d_model}")
+    hook_name = sae_hook_name(sae, model)
     ids = [seq[:max_length] for seq in _token_ids(model, prompts)]
     if any(len(seq) < 2 for seq in ids):
         raise ValueError("every prompt needs at least 2 tokens to score next-token loss")
@@ -289,20 +317,19 @@ def reconstruction_ce(model: ModelHandle, sae: SAE, layer: int,
         edits = {"ce_clean": None, "ce_sae": lambda h: torch.where(where, reconstruct(sae, h), h),
                  "ce_zero_ablation": lambda h: torch.where(where, torch.zeros_like(h), h)}
         for name, edit in edits.items():
-            with replace_block_inputs(model, {layer: edit} if edit else {}):
+            with replace_residual(model, {hook_name: edit} if edit else {}):
                 ce, n = _summed_ce(model, input_ids, mask)
             totals[name] += ce
         count += n
     result = {name: total / count for name, total in totals.items()}
     gap = result["ce_zero_ablation"] - result["ce_clean"]
     if gap <= 0:
-        raise ValueError(f"zero-ablating layer {layer} does not raise the loss ({result}): CE recovered is undefined")
+        raise ValueError(f"zero-ablating {hook_name} does not raise the loss ({result}): CE recovered is undefined")
     result["ce_loss_recovered"] = (result["ce_zero_ablation"] - result["ce_sae"]) / gap
     return result
 
 
-def ce_loss_recovered(model: ModelHandle, sae: SAE, layer: int,
-                      prompts: Sequence[str] | Sequence[Sequence[int]], batch_size: int = 8,
-                      max_length: int = 256) -> float:
-    """Fraction of cross-entropy loss recovered by the SAE at ``layer`` (see :func:`reconstruction_ce`)."""
-    return reconstruction_ce(model, sae, layer, prompts, batch_size, max_length)["ce_loss_recovered"]
+def ce_loss_recovered(model: ModelHandle, sae: SAE, prompts: Sequence[str] | Sequence[Sequence[int]],
+                      batch_size: int = 8, max_length: int = 256) -> float:
+    """Fraction of cross-entropy loss recovered by the SAE at its hook point (see :func:`reconstruction_ce`)."""
+    return reconstruction_ce(model, sae, prompts, batch_size, max_length)["ce_loss_recovered"]

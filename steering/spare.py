@@ -4,11 +4,12 @@ latents that carry the choice.
     python -m steering.spare --model embedded --dataset known_facts --out runs/spare
 
 Steps: answer conflict prompts (a context that contradicts a fact) with no edit and group them by behaviour;
-probe every layer for whether the context conflicts with memory; at the SAE layers, rank latents by mutual
-information with the behaviour and keep the top proportion, split by which behaviour activates them more; at
-inference, take away the undesired behaviour's latents and add the desired one's expected activation, on the last
-prompt token and on every generated token. Baseline: activation addition of the difference in means between the
-two behaviour groups at the same layers. Both are tuned on a validation split (the strength, whether generated
+probe every layer for whether the context conflicts with memory; at each SAE's own hook point
+(``cfg.metadata.hook_name``: the residual stream entering or leaving a block), rank latents by mutual information
+with the behaviour and keep the top proportion, split by which behaviour activates them more; at inference, take
+away the undesired behaviour's latents and add the desired one's expected activation there, on the last prompt
+token and on every generated token. Baseline: activation addition of the difference in means between the two
+behaviour groups at the same hook points. Both are tuned on a validation split (the strength, whether generated
 tokens are edited too and, for SpARE, whether the undesired latents are removed or only the desired ones added);
 exact match is reported on a held-out test split.
 """
@@ -33,7 +34,7 @@ from probes.conflict import (USES_CONTEXT, USES_MEMORY, ConflictExample, conflic
                              generate_answers, group_by_behaviour)
 from probes.linear import LogisticProbe
 from probes.models import ModelHandle, load_model
-from steering.hooks import replace_block_inputs
+from steering.hooks import replace_residual
 from steering.mutual_info import mutual_information, select_latents
 
 Target = Literal["context", "memory"]
@@ -116,10 +117,11 @@ def add_edit(direction: torch.Tensor, coeff: float) -> Edit:
     return lambda h: (coeff * direction).to(device=h.device, dtype=h.dtype).expand_as(h)
 
 
-def edit_last_token(model: ModelHandle, edits: Mapping[int, Edit], generated: bool = True):
-    """Context manager adding ``edits[layer](h)`` to the residual stream entering block ``layer`` at the last position
-    of every forward pass: the last prompt token (prompts are left-padded), then, if ``generated``, each generated
-    token (one per cached step; a one-token forward pass counts as a generation step)."""
+def edit_last_token(model: ModelHandle, edits: Mapping[str, Edit], generated: bool = True):
+    """Context manager adding ``edits[hook](h)`` to the residual stream at ``hook`` (``blocks.<L>.hook_resid_pre``
+    or ``blocks.<L>.hook_resid_post``) at the last position of every forward pass: the last prompt token (prompts
+    are left-padded), then, if ``generated``, each generated token (one per cached step; a one-token forward pass
+    counts as a generation step)."""
     def last_only(edit: Edit) -> Callable[[torch.Tensor], torch.Tensor]:
         def replace(hidden: torch.Tensor) -> torch.Tensor:
             if not generated and hidden.shape[1] == 1:
@@ -129,7 +131,7 @@ def edit_last_token(model: ModelHandle, edits: Mapping[int, Edit], generated: bo
             return hidden
         return replace
 
-    return replace_block_inputs(model, {layer: last_only(edit) for layer, edit in edits.items()})
+    return replace_residual(model, {hook: last_only(edit) for hook, edit in edits.items()})
 
 
 def exact_match_rate(answers: Sequence[str], references: Sequence[Sequence[str]]) -> float:
@@ -166,47 +168,68 @@ def conflict_probe(model: ModelHandle, train: Sequence[ConflictExample], test: S
     return [float(a) for a in probe.score(x_test, y_test)]
 
 
-def residual_at(model: ModelHandle, prompts: Sequence[str], layers: Sequence[int], progress: bool = True
+def residual_at(model: ModelHandle, prompts: Sequence[str], hooks: Sequence[str], progress: bool = True
                 ) -> torch.Tensor:
-    """Residual stream entering each of ``layers`` at the last prompt token: [n, len(layers), d]."""
-    hooks = [f"blocks.{layer}.hook_resid_pre" for layer in layers]
+    """Residual stream at each of ``hooks`` at the last prompt token: [n, len(hooks), d]."""
     return extract(model, prompts, hooks=hooks, padding_side="left", progress=progress).acts.float()
+
+
+def sae_hooks(model: ModelHandle, saes: Mapping[int, object]) -> dict[int, str]:
+    """Each SAE's own hook point (:func:`steering.sae.sae_hook_name`), by SAE layer: where its latents are read, the
+    activation-addition direction is measured and the edits land. Refuses hooks the workbench cannot edit and two
+    SAEs at one hook."""
+    from steering.sae import sae_hook_name
+
+    hooks = {}
+    for layer, sae in saes.items():
+        try:
+            hooks[layer] = sae_hook_name(sae, model)
+        except ValueError as e:
+            raise ValueError(f"SAE for layer {layer}: {e}") from e
+    if len(set(hooks.values())) < len(hooks):
+        raise ValueError(f"two SAEs act at the same hook point ({hooks}): keep one SAE per hook point")
+    return hooks
 
 
 @dataclass
 class Steering:
-    """Fitted SpARE latents and activation-addition directions, one per layer."""
+    """Fitted SpARE latents and activation-addition directions, one per SAE layer, and where each acts."""
 
     saes: Mapping[int, object]
+    hooks: dict[int, str]  # each SAE's own hook point: where activations were read and where the edits land
     latents: dict[int, BehaviourLatents]
     directions: dict[int, torch.Tensor]  # mean(uses context) - mean(uses memory), residual stream
 
-    def edits(self, method: str, target: Target, strength: float, remove: bool = True) -> dict[int, Edit]:
-        """Edits at every layer for ``method`` "spare" or "actadd" toward ``target``."""
+    def edits(self, method: str, target: Target, strength: float, remove: bool = True) -> dict[str, Edit]:
+        """Edits at every SAE's hook point for ``method`` "spare" or "actadd" toward ``target``."""
         if method == "spare":
-            return {l: spare_edit(self.saes[l], self.latents[l], target, strength, remove) for l in self.latents}
+            return {self.hooks[l]: spare_edit(self.saes[l], self.latents[l], target, strength, remove)
+                    for l in self.latents}
         if method == "actadd":
             sign = 1.0 if target == "context" else -1.0
-            return {l: add_edit(d, sign * strength) for l, d in self.directions.items()}
+            return {self.hooks[l]: add_edit(d, sign * strength) for l, d in self.directions.items()}
         raise ValueError(f"method must be 'spare' or 'actadd', got {method!r}")
 
 
 def fit_steering(model: ModelHandle, saes: Mapping[int, object], examples: Sequence[ConflictExample],
                  labels: Sequence[str], proportion: float = 0.01, progress: bool = True) -> Steering:
-    """Latents and directions from the training examples answered from the context or from memory."""
+    """Latents and directions, at each SAE's hook point, from the training examples answered from the context or
+    from memory."""
     keep = [i for i, g in enumerate(labels) if g in (USES_CONTEXT, USES_MEMORY)]
     layers = sorted(saes)
-    acts = residual_at(model, conflict_prompts([examples[i] for i in keep], "sub"), layers, progress)
+    hooks = sae_hooks(model, saes)
+    acts = residual_at(model, conflict_prompts([examples[i] for i in keep], "sub"), [hooks[l] for l in layers],
+                       progress)
     uses_context = torch.tensor([labels[i] == USES_CONTEXT for i in keep], device=acts.device)
     latents = {l: behaviour_latents(saes[l], acts[:, j], uses_context, l, proportion) for j, l in enumerate(layers)}
     directions = {l: acts[uses_context, j].mean(0) - acts[~uses_context, j].mean(0) for j, l in enumerate(layers)}
-    return Steering(saes, latents, directions)
+    return Steering(saes, hooks, latents, directions)
 
 
-def steered_answers(model: ModelHandle, prompts: Sequence[str], edits: Mapping[int, Edit], max_new_tokens: int,
+def steered_answers(model: ModelHandle, prompts: Sequence[str], edits: Mapping[str, Edit], max_new_tokens: int,
                     progress: bool = False, generated: bool = True) -> list[str]:
-    """Greedy answers with ``edits`` applied (none: the unedited model), also to the generated tokens if
-    ``generated``."""
+    """Greedy answers with ``edits`` (by hook point; none: the unedited model) applied, also to the generated tokens
+    if ``generated``."""
     with edit_last_token(model, edits, generated):
         return generate_answers(model, prompts, max_new_tokens=max_new_tokens, progress=progress)
 
@@ -253,6 +276,7 @@ def prepare(model: ModelHandle, examples: Sequence[ConflictExample], saes: Mappi
     """Split, answer every substituted-context prompt unedited, group by behaviour, fit latents and directions."""
     if not saes:
         raise ValueError("need at least one SAE (a mapping layer -> SAE)")
+    sae_hooks(model, saes)  # an SAE that cannot be placed fails here, before the unedited answers are generated
     parts = split(examples, seed=seed)
     answers = {k: steered_answers(model, conflict_prompts(v, "sub"), {}, max_new_tokens, progress)
                for k, v in parts.items()}
@@ -272,6 +296,7 @@ def report(model: ModelHandle, experiment: Experiment, out: Path, spare_grid: Se
     accuracy = conflict_probe(model, parts["train"], parts["test"], progress=progress)
     results: dict = {"model": model.name, "dataset": dataset, "layers": list(range(len(accuracy))),
                      "conflict_probe_accuracy": accuracy, "spare_layers": sorted(steering.latents),
+                     "sae_hooks": dict(sorted(steering.hooks.items())),
                      "n": {k: len(v) for k, v in parts.items()},
                      "behaviour_counts": {k: {g: v.count(g) for g in sorted(set(v))}
                                           for k, v in experiment.groups.items()},
@@ -310,23 +335,27 @@ def run(model: ModelHandle, examples: Sequence[ConflictExample], saes: Mapping[i
 def load_saes(model: ModelHandle, layers: Sequence[int] | None, sae_dir: Path | None = None,
               release: str | None = None, sae_id: str | None = None) -> dict[int, object]:
     """SAEs by layer: from ``sae_dir`` (``layer_<L>`` folders written by :func:`steering.sae.save_sae`; default
-    ``data/sae/<model>``), or pretrained through SAELens (``release`` and an ``sae_id`` with ``{layer}`` in it)."""
+    ``data/sae/<model>``), or pretrained through SAELens (``release`` and an ``sae_id`` with ``{layer}`` in it).
+    Each acts at its own hook point, checked here (:func:`sae_hooks`)."""
     from steering.sae import SAE_DIR, load_pretrained_sae, load_sae
 
     if release:
         if not sae_id or "{layer}" not in sae_id or not layers:
             raise ValueError("a pretrained release needs --layers and an --sae-id containing {layer}, e.g. "
                              "'layer_{layer}/width_16k/canonical'")
-        return {l: load_pretrained_sae(release, sae_id.format(layer=l), model.device) for l in layers}
-    sae_dir = sae_dir or SAE_DIR / model.name.replace("/", "--")
-    found = {int(p.name.split("_")[1]): p for p in sorted(sae_dir.glob("layer_*")) if p.is_dir()}
-    if not found:
-        raise FileNotFoundError(f"no SAEs under {sae_dir}; train them with `python -m steering.train_saes --model "
-                                f"{model.name}` or pass --sae-release/--sae-id")
-    missing = [l for l in layers or [] if l not in found]
-    if missing:
-        raise ValueError(f"no SAE for layer(s) {missing} under {sae_dir}; there are {sorted(found)}")
-    return {l: load_sae(found[l], model.device) for l in (layers or sorted(found))}
+        saes = {l: load_pretrained_sae(release, sae_id.format(layer=l), model.device) for l in layers}
+    else:
+        sae_dir = sae_dir or SAE_DIR / model.name.replace("/", "--")
+        found = {int(p.name.split("_")[1]): p for p in sorted(sae_dir.glob("layer_*")) if p.is_dir()}
+        if not found:
+            raise FileNotFoundError(f"no SAEs under {sae_dir}; train them with `python -m steering.train_saes "
+                                    f"--model {model.name}` or pass --sae-release/--sae-id")
+        missing = [l for l in layers or [] if l not in found]
+        if missing:
+            raise ValueError(f"no SAE for layer(s) {missing} under {sae_dir}; there are {sorted(found)}")
+        saes = {l: load_sae(found[l], model.device) for l in (layers or sorted(found))}
+    sae_hooks(model, saes)
+    return saes
 
 
 def conflict_examples(model: ModelHandle, dataset: str, n: int | None, seed: int = 0) -> list[ConflictExample]:

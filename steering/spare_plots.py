@@ -6,16 +6,25 @@ from pathlib import Path
 
 import plotly.graph_objects as go
 
+from probes.cache import RESIDUAL_HOOK
+
 METHODS = ("no_edit", "actadd", "spare")
 
 
+def residual_index(hook_name: str) -> int:
+    """Where a residual hook point sits on the probe curve, whose point i is the residual stream after i blocks:
+    L for ``blocks.L.hook_resid_pre``, L + 1 for ``blocks.L.hook_resid_post``."""
+    layer, kind = RESIDUAL_HOOK.match(hook_name).groups()
+    return int(layer) + (kind == "post")
+
+
 def probe_accuracy(results: dict) -> go.Figure:
-    """Conflict-probe test accuracy by layer, with the SAE layers marked."""
+    """Conflict-probe test accuracy by layer, with the SAEs' hook points marked."""
     fig = go.Figure(go.Scatter(x=results["layers"], y=results["conflict_probe_accuracy"], mode="lines+markers",
                                name="conflict probe"))
-    for layer in results["spare_layers"]:
-        fig.add_vline(x=layer, line_dash="dot", line_color="grey")
-    fig.update_layout(title=f"{results['model']}: does the context conflict with memory? (dotted: SAE layers)",
+    for hook_name in results["sae_hooks"].values():
+        fig.add_vline(x=residual_index(hook_name), line_dash="dot", line_color="grey")
+    fig.update_layout(title=f"{results['model']}: does the context conflict with memory? (dotted: SAE hook points)",
                       xaxis_title="layer (0 = embeddings)", yaxis_title="test accuracy", yaxis_range=[0.4, 1.02])
     return fig
 

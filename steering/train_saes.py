@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> dict:
         sae = train_sae(acts[layer], args.d_sae, args.l1, architecture=args.architecture, k=args.k,
                         epochs=args.epochs, seed=args.seed,
                         metadata={"model_name": model.name, "hook_name": f"blocks.{layer}.hook_resid_pre",
-                                  "layer": layer})
-        scores = {**evaluate_sae(sae, heldout_acts[layer]), **reconstruction_ce(model, sae, layer, heldout),
+                                  "layer": layer})  # token_activations reads the residual entering each block
+        scores = {**evaluate_sae(sae, heldout_acts[layer]), **reconstruction_ce(model, sae, heldout),
                   "n_train_tokens": int(acts[layer].shape[0]), "n_heldout_tokens": int(heldout_acts[layer].shape[0])}
         save_sae(sae, out / f"layer_{layer}", metadata={"eval": scores}, overwrite=True)
         record["layers"][layer] = scores

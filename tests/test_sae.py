@@ -148,11 +148,12 @@ def residual(model, layer: int, ids: list[list[int]]) -> torch.Tensor:
 def test_ce_loss_recovered_on_tiny_model(tiny, greedy_ids):
     layer = 2
     acts = residual(tiny, layer, greedy_ids)
-    sae = train_sae(acts, d_sae=128, l1_coefficient=1.0, epochs=50, batch_size=64, lr=3e-3, progress=False)
+    sae = train_sae(acts, d_sae=128, l1_coefficient=1.0, epochs=50, batch_size=64, lr=3e-3, progress=False,
+                    metadata={"hook_name": f"blocks.{layer}.hook_resid_pre"})
     ids = torch.tensor([greedy_ids[0]], device=tiny.device)
     clean = tiny.hf_model(ids).logits
 
-    result = reconstruction_ce(tiny, sae, layer, greedy_ids)
+    result = reconstruction_ce(tiny, sae, greedy_ids)
     assert result["ce_clean"] < result["ce_zero_ablation"]
     assert 0.5 < result["ce_loss_recovered"] < 1.1  # a good SAE recovers most of the loss
     assert torch.equal(tiny.hf_model(ids).logits, clean)  # hooks removed
@@ -160,20 +161,24 @@ def test_ce_loss_recovered_on_tiny_model(tiny, greedy_ids):
     with torch.no_grad():
         sae.W_dec.zero_()
         sae.b_dec.zero_()
-    assert ce_loss_recovered(tiny, sae, layer, greedy_ids) == pytest.approx(0.0, abs=1e-6)
+    assert ce_loss_recovered(tiny, sae, greedy_ids) == pytest.approx(0.0, abs=1e-6)
 
     sae.encode = lambda x: x  # a perfect reconstruction
     sae.decode = lambda latents: latents
-    assert ce_loss_recovered(tiny, sae, layer, greedy_ids) == pytest.approx(1.0, abs=1e-6)
+    assert ce_loss_recovered(tiny, sae, greedy_ids) == pytest.approx(1.0, abs=1e-6)
 
 
 def test_ce_loss_recovered_validates(tiny, trained, greedy_ids):
     with pytest.raises(ValueError, match="d_in"):
-        ce_loss_recovered(tiny, trained, 1, greedy_ids)
+        ce_loss_recovered(tiny, trained, greedy_ids)
     sae = train_sae(torch.randn(64, tiny.d_model), 8, epochs=1, progress=False)
+    with pytest.raises(ValueError, match="records no hook point"):
+        reconstruction_ce(tiny, sae, greedy_ids)
+    sae.cfg.metadata.hook_name = f"blocks.{tiny.n_layers}.hook_resid_pre"
     with pytest.raises(ValueError, match="layer"):
-        reconstruction_ce(tiny, sae, tiny.n_layers, greedy_ids)
+        reconstruction_ce(tiny, sae, greedy_ids)
+    sae.cfg.metadata.hook_name = "blocks.0.hook_resid_pre"
     with pytest.raises(ValueError, match="2 tokens"):
-        reconstruction_ce(tiny, sae, 0, [[5]])
+        reconstruction_ce(tiny, sae, [[5]])
     with pytest.raises(ValueError, match="non-empty"):
-        reconstruction_ce(tiny, sae, 0, [])
+        reconstruction_ce(tiny, sae, [])

@@ -5,14 +5,15 @@ import json
 import pytest
 import torch
 from sae_lens import StandardSAE, StandardSAEConfig
+from sae_lens.saes.sae import SAEMetadata
 
 from probes.conflict import ConflictExample
 from steering import spare
 
 
-def make_sae(d_in: int, d_sae: int, seed: int = 0) -> StandardSAE:
+def make_sae(d_in: int, d_sae: int, seed: int = 0, hook_name: str = "blocks.1.hook_resid_pre") -> StandardSAE:
     torch.manual_seed(seed)
-    sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=d_sae))
+    sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=d_sae, metadata=SAEMetadata(hook_name=hook_name)))
     with torch.no_grad():
         sae.W_enc.normal_(0, 1)
         sae.W_dec.copy_(torch.nn.functional.normalize(torch.randn(d_sae, d_in), dim=1))
@@ -62,25 +63,26 @@ def test_zero_strength_leaves_logits_unchanged_and_edits_touch_only_the_last_tok
     acts = torch.randn(40, tiny.d_model)
     latents = spare.behaviour_latents(sae, acts, torch.arange(40) % 2 == 0, layer=1, proportion=0.2)
     ids = tiny.tokenizer(["the cat sat on the mat", "a b c d e f"], return_tensors="pt").input_ids.to(tiny.device)
+    hook = "blocks.1.hook_resid_pre"
     with torch.no_grad():
         clean = tiny.hf_model(ids).logits
-        with spare.edit_last_token(tiny, {1: spare.spare_edit(sae, latents, "context", 0.0)}):
+        with spare.edit_last_token(tiny, {hook: spare.spare_edit(sae, latents, "context", 0.0)}):
             zero = tiny.hf_model(ids).logits
-        with spare.edit_last_token(tiny, {1: spare.add_edit(torch.ones(tiny.d_model) * 5, 1.0)}):
+        with spare.edit_last_token(tiny, {hook: spare.add_edit(torch.ones(tiny.d_model) * 5, 1.0)}):
             pushed = tiny.hf_model(ids).logits
     assert torch.equal(clean, zero)
     assert torch.allclose(clean[:, :-1], pushed[:, :-1])  # causal: earlier positions untouched
     assert (clean[:, -1] - pushed[:, -1]).abs().max() > 1e-3
     assert torch.equal(tiny.hf_model(ids).logits, clean)  # hooks removed on exit
-    with spare.edit_last_token(tiny, {1: spare.add_edit(torch.ones(tiny.d_model) * 5, 1.0)}, generated=False):
+    with spare.edit_last_token(tiny, {hook: spare.add_edit(torch.ones(tiny.d_model) * 5, 1.0)}, generated=False):
         generated = tiny.hf_model.generate(ids, max_new_tokens=3, do_sample=False)
-    with spare.edit_last_token(tiny, {1: spare.add_edit(torch.ones(tiny.d_model) * 5, 1.0)}, generated=False):
+    with spare.edit_last_token(tiny, {hook: spare.add_edit(torch.ones(tiny.d_model) * 5, 1.0)}, generated=False):
         one_token_step = tiny.hf_model(ids[:, :1]).logits
         assert torch.allclose(tiny.hf_model(ids).logits, pushed)  # the prompt pass is still edited
     assert torch.equal(one_token_step, tiny.hf_model(ids[:, :1]).logits)  # one-token passes are generation steps
     assert generated.shape == (2, ids.shape[1] + 3)
     with pytest.raises(ValueError):
-        with spare.edit_last_token(tiny, {99: spare.add_edit(torch.ones(tiny.d_model), 1.0)}):
+        with spare.edit_last_token(tiny, {"blocks.99.hook_resid_pre": spare.add_edit(torch.ones(tiny.d_model), 1.0)}):
             pass
 
 
@@ -118,4 +120,5 @@ def test_run_writes_the_contract(tiny, tmp_path, monkeypatch):
     assert spare.EditSetting(**tuned["setting"]) in spare_grid
     assert len(saved["tuning"]["actadd_to_memory"]["val_exact_match"]) == 2  # prompt only / prompt+generated
     assert saved["spare_layers"] == [1] and results["n"] == {"train": 12, "val": 4, "test": 4}
+    assert saved["sae_hooks"] == {"1": "blocks.1.hook_resid_pre"}
     assert (tmp_path / "steering.html").is_file() and (tmp_path / "latents_layer1.html").is_file()
