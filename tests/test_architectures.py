@@ -199,3 +199,18 @@ def test_refusal_pipeline_runs_end_to_end(family, tmp_path):
     assert ("post-norm" in card) == (family in POST_NORM) and "KL(hooks || weights)" in card
     reloaded = AutoModelForCausalLM.from_pretrained(results["checkpoint"])
     assert type(reloaded).__name__ == model.architecture.name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_spare_edits_land_at_the_last_token_of_a_resid_post_point(family):
+    from steering import spare
+
+    model = load_model(f"random:{family}", device="cpu")
+    v = direction(model, seed=4).float() * 2
+    hooks = ["blocks.1.hook_resid_pre", "blocks.1.hook_resid_post"]
+    left = dict(hooks=hooks, positions=[-2, -1], padding_side="left", progress=False)  # as generation pads
+    before = extract(model, PROMPTS, **left).acts
+    with spare.edit_last_token(model, {"blocks.1.hook_resid_post": spare.add_edit(v, 1.0)}, generated=False):
+        after = extract(model, PROMPTS, **left).acts
+    assert torch.equal(after[:, :, 0], before[:, :, 0]) and torch.equal(after[:, 0, 1], before[:, 0, 1])
+    assert_rel_close(after[:, 1, 1] - before[:, 1, 1], v.expand_as(before[:, 1, 1]))
