@@ -184,7 +184,7 @@ def test_an_unsupported_architecture_is_a_clear_error():
             pass
 
 
-@pytest.mark.parametrize("family", ["gemma2", "gpt2", "qwen3_moe"])  # post-norm, Conv1D + position embedding, MoE
+@pytest.mark.parametrize("family", sorted(REQUIRED))
 def test_refusal_pipeline_runs_end_to_end(family, tmp_path):
     from steering import refusal
 
