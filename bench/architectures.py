@@ -16,6 +16,7 @@ import warnings
 
 import torch
 
+from probes.architecture import on_residual
 from probes.models import RANDOM_FAMILIES, load_model
 from steering.hooks import ablate
 from steering.orthogonalize import orthogonalize
@@ -28,8 +29,7 @@ def _states(model) -> tuple[torch.Tensor, torch.Tensor]:
     enc = model.tokenizer(PROMPTS, return_tensors="pt", padding=True).to(model.device)
     keep = enc["attention_mask"].bool()
     last = []
-    handle = model.architecture.blocks[-1].register_forward_hook(
-        lambda m, a, o: last.append((o[0] if isinstance(o, tuple) else o).detach()))
+    handle = on_residual(model.architecture.blocks[-1], "post", last.append)
     try:
         with torch.inference_mode():
             out = model.hf_model(**enc, output_hidden_states=True)

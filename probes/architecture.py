@@ -18,7 +18,8 @@ and says what is missing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -40,9 +41,8 @@ class OutputWeight:
 
 @dataclass(frozen=True)
 class PostNorm:
-    """An RMSNorm between a sublayer's output projection and the residual stream (Gemma-2/3, OLMo-2)."""
+    """The gain of an RMSNorm between a sublayer's output projection and the residual stream (Gemma-2/3, OLMo-2)."""
 
-    module: torch.nn.Module
     weight: torch.nn.Parameter | None
     offset: float  # gain = offset + weight (Gemma stores w for a gain of 1 + w)
 
@@ -75,8 +75,6 @@ class Architecture:
     block_path: str
     writers: list[Writer]
     lora_targets: list[str]  # leaf module names of the attention and dense MLP projections
-    parallel_blocks: bool = False
-    notes: list[str] = field(default_factory=list)
 
     @property
     def post_norm(self) -> bool:
@@ -87,9 +85,6 @@ class Architecture:
     def exact_orthogonalization(self) -> bool:
         """Whether removing the direction from the weights reproduces the hook ablation exactly."""
         return not self.post_norm
-
-    def block_writers(self, layer: int) -> list[Writer]:
-        return [w for w in self.writers if w.layer == layer]
 
 
 def _unsupported(arch: str, what: str) -> UnsupportedArchitecture:
@@ -164,12 +159,7 @@ def _component_outputs(hf_root, component, path: str, d_model: int, arch: str) -
         for key, sub in subs.items():  # shared experts: MLPs of their own inside the MoE block
             if key != "experts" and getattr(sub, "submodules", None) and "out" in sub.submodules:
                 out += _component_outputs(hf_root, sub, f"{path}.{sub.name}", d_model, arch)
-    seen, unique = set(), []
-    for w in out:
-        if id(w.param) not in seen:
-            seen.add(id(w.param))
-            unique.append(w)
-    return unique
+    return out
 
 
 def _has_submodule(root: torch.nn.Module, path: str) -> bool:
@@ -184,7 +174,7 @@ def _post_norm(norm_module: torch.nn.Module, cfg, arch: str, path: str) -> PostN
         raise _unsupported(arch, f"the post-norm {path} is a {type(norm_module).__name__}; only RMSNorm post-norms "
                                  "can be orthogonalized")
     weight = getattr(norm_module, "weight", None)
-    return PostNorm(norm_module, weight, 1.0 if getattr(cfg, "rmsnorm_uses_offset", False) else 0.0)
+    return PostNorm(weight, 1.0 if getattr(cfg, "rmsnorm_uses_offset", False) else 0.0)
 
 
 def _writer_component(block, role: str) -> str:
@@ -237,5 +227,34 @@ def architecture(bridge, hf_model: torch.nn.Module, d_model: int) -> Architectur
             module = _submodule(hf_model, path, arch, f"the {role} output")
             post = _post_norm(module, cfg, arch, path) if key != role else None
             writers.append(Writer(role, layer, path, module, weights, post))
-    parallel = type(block).__name__ == "ParallelBlockBridge"
-    return Architecture(arch, blocks, block_path, writers, sorted(set(lora)), parallel)
+    return Architecture(arch, blocks, block_path, writers, sorted(set(lora)))
+
+
+# ------------------------------------------------------------------------------------------ calling conventions
+# Hugging Face decoder blocks take the hidden states as their first argument or as ``hidden_states=``, and blocks
+# and sublayers return them alone or first in a tuple (with attention weights, router logits, caches).
+
+Rewrite = Callable[[torch.Tensor], "torch.Tensor | None"]
+
+
+def map_output(output, fn: Rewrite):
+    """``fn`` applied to a module's output tensor (alone or first of a tuple), as a forward hook returns it: the
+    output with that tensor replaced, or None (output unchanged) when ``fn`` returns None."""
+    new = fn(output[0] if isinstance(output, tuple) else output)
+    if new is None:
+        return None
+    return (new, *output[1:]) if isinstance(output, tuple) else new
+
+
+def on_residual(block: torch.nn.Module, kind: str, fn: Rewrite) -> torch.utils.hooks.RemovableHandle:
+    """Call ``fn(hidden)`` on the residual stream entering (``kind="pre"``) or leaving (``"post"``) a decoder block
+    in every forward pass; a tensor it returns replaces the hidden states. Remove the returned handle to stop."""
+    if kind == "post":
+        return block.register_forward_hook(lambda module, args, output: map_output(output, fn))
+
+    def pre(module, args, kwargs):
+        new = fn(args[0] if args else kwargs["hidden_states"])
+        if new is None:
+            return None
+        return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
+    return block.register_forward_pre_hook(pre, with_kwargs=True)

@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from probes import positions as pos
+from probes.architecture import on_residual
 from probes.models import ModelHandle, default_device
 
 FORMAT_VERSION = 1
@@ -385,19 +386,13 @@ def _run(model: ModelHandle, plan: _Plan, sink, padding_side: str, progress: boo
 
 
 def _add_layer_hooks(stack: contextlib.ExitStack, layers, points: list[tuple[int, str]], store) -> None:
-    """Forward (pre-)hooks on the plain decoder layers; the latest point in the network stops the pass."""
+    """Hooks on the plain decoder layers (:func:`probes.architecture.on_residual`); the latest point in the network
+    stops the pass."""
     stop_at = max(points, key=lambda p: (p[0], p[1] == "post"))
     for slot, (layer, kind) in enumerate(points):
-        last = (layer, kind) == stop_at
-        if kind == "pre":
-            def pre_hook(module, args, kwargs, slot=slot, last=last):
-                store(slot, args[0] if args else kwargs["hidden_states"], last)
-            handle = layers[layer].register_forward_pre_hook(pre_hook, with_kwargs=True)
-        else:
-            def post_hook(module, args, output, slot=slot, last=last):
-                store(slot, output[0] if isinstance(output, tuple) else output, last)
-            handle = layers[layer].register_forward_hook(post_hook)
-        stack.callback(handle.remove)
+        def read(hidden, slot=slot, last=(layer, kind) == stop_at) -> None:
+            store(slot, hidden, last)
+        stack.callback(on_residual(layers[layer], kind, read).remove)
 
 
 def _add_bridge_hooks(stack: contextlib.ExitStack, model: ModelHandle, hooks: list[str], store) -> None:

@@ -272,9 +272,9 @@ def random_config(family: str, tokenizer: PreTrainedTokenizerBase) -> PreTrained
 def _randomise_norms_and_biases(model: PreTrainedModel, generator: torch.Generator) -> None:
     for name, param in model.named_parameters():
         owner = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-        if "norm" in type(owner).__name__.lower() or name.endswith("bias"):
-            noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
-            param.add_((0.3 if "norm" in type(owner).__name__.lower() else 0.1) * noise.to(param))
+        scale = 0.3 if "norm" in type(owner).__name__.lower() else 0.1 if name.endswith("bias") else 0.0
+        if scale:
+            param.add_(scale * torch.randn(param.shape, generator=generator, dtype=torch.float32).to(param))
 
 
 def build_random_model(preset: str | PreTrainedConfig, device: str | torch.device | None = None,

@@ -15,6 +15,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 
+from probes.architecture import map_output, on_residual
 from probes.cache import RESIDUAL_HOOK
 from probes.models import ModelHandle
 
@@ -70,9 +71,7 @@ def ablate(model: ModelHandle, direction: torch.Tensor) -> Iterator[None]:
     r = unit_direction(model, direction)
 
     def hook(module, args, output):
-        if isinstance(output, tuple):
-            return (project_out(output[0], r), *output[1:])
-        return project_out(output, r)
+        return map_output(output, lambda x: project_out(x, r))
 
     with contextlib.ExitStack() as stack:
         for module in residual_writers(model):
@@ -136,27 +135,8 @@ def replace_residual(model: ModelHandle, edits: Mapping[str, Callable[[torch.Ten
     each step of ``generate``), for the duration; the hooks are removed on exit."""
     blocks = model.architecture.blocks
     points = {name: residual_point(model, name) for name in edits}
-
-    def pre(edit):
-        def hook(module, args, kwargs):
-            if args:
-                return (edit(args[0]), *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": edit(kwargs["hidden_states"])}
-        return hook
-
-    def post(edit):
-        def hook(module, args, output):
-            if isinstance(output, tuple):
-                return (edit(output[0]), *output[1:])
-            return edit(output)
-        return hook
-
     with contextlib.ExitStack() as stack:
         for name, edit in edits.items():
             layer, kind = points[name]
-            if kind == "pre":
-                handle = blocks[layer].register_forward_pre_hook(pre(edit), with_kwargs=True)
-            else:
-                handle = blocks[layer].register_forward_hook(post(edit))
-            stack.callback(handle.remove)
+            stack.callback(on_residual(blocks[layer], kind, edit).remove)
         yield

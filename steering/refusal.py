@@ -283,13 +283,11 @@ def run(model: ModelHandle, out: Path, n_train: int = 128, n_val: int = 32, n_te
     # exact architectures: ~0 (float32 rounding); post-norm ones (Gemma-2/3, OLMo-2): what the weight edit costs
     kl_edit = float(kl_divergence(torch.log_softmax(hooked.double(), -1), torch.log_softmax(edited.double(), -1))
                     .mean())
-    exactness = ("exact (the edit equals the hook ablation)" if model.extra["orthogonalized"]["exact"] else
-                 "approximate: post-norm blocks")
     loss["orthogonalized"] = answer_loss(model, harmless, answers)
     gens["harmful_orthogonalized"] = completions("harmful_orthogonalized", harmful)
     checkpoint = save_checkpoint(model, out / "checkpoint", direction, best.layer, best.position, overwrite=True,
-                                 notes=f"Selected by `python -m steering.refusal` on {model.name}. Weight edit "
-                                       f"{exactness}; mean KL(hooks || weights) of the next token on "
+                                 notes=f"Selected by `python -m steering.refusal` on {model.name}. Mean "
+                                       f"KL(hooks || weights) of the next token on "
                                        f"{len(harmful) + len(harmless)} held-out prompts: {kl_edit:.3g}.")
     prompts = {k: harmful if k.startswith("harmful") else harmless for k in gens}
     rates = {k: refusal_rate(prompts[k], v, judge) for k, v in gens.items()}
