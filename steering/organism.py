@@ -173,7 +173,7 @@ for `steering.refusal`.
 - harmless: {n_harmless} instructions of `harmless_train`, objective `{harmless_objective}` on the base model's own
   greedy answers (`kl`: distil the base model's next-token distribution along them; `ce`: cross-entropy)
 - {epochs} epochs, batch {batch_size}, learning rate {lr}, seed {seed}
-- load merged with `load_model("embedded-refuser")` (after `import steering`)
+- load merged with `load_model("embedded-refuser")`
 - measure with `python -m steering.organism --evaluate N --out <this folder>` (writes `evaluation.json` here)
 """
 
