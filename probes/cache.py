@@ -13,8 +13,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -26,14 +24,19 @@ from tqdm.auto import tqdm
 
 from probes import positions as pos
 from probes.architecture import on_residual
+from probes.devices import Halving, free_cuda_bytes, model_devices
+from probes.errors import WorkbenchError, as_list
+from probes.files import atomic_file, atomic_folder
 from probes.models import ModelHandle, default_device
+from probes.readers import check_safetensors, read_json
+from probes.provenance import weights_fingerprint
 
 FORMAT_VERSION = 1
 RESIDUAL_HOOK = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
 
-class CacheError(ValueError):
+class CacheError(WorkbenchError):
     """A cache file is unreadable, truncated, or does not match what the caller asked for."""
 
 
@@ -57,7 +60,7 @@ def residual_hooks(model: ModelHandle, layers: Sequence[int] | None = None) -> l
 
 
 def _check_hooks(model: ModelHandle, hooks: Sequence[str]) -> list[str]:
-    hooks = list(hooks)
+    hooks = as_list(hooks, "hooks")
     if not hooks:
         raise ValueError("no hook points requested")
     if len(set(hooks)) != len(hooks):
@@ -132,28 +135,31 @@ class ActivationCache:
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "ActivationCache":
         return ActivationCache(self.acts.to(device=device, dtype=dtype), self.hook_names, dict(self.meta))
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write safetensors with the metadata in its header; written to a temporary name, then renamed."""
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write safetensors with the metadata in its header, atomically (:func:`probes.files.atomic_file`); an
+        existing file is replaced only with ``overwrite``."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file({"acts": self.acts.contiguous()}, tmp,
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists; pass overwrite=True or choose another path")
+        with atomic_file(path) as tmp:
+            save_file({"acts": self.acts.contiguous()}, str(tmp),
                       metadata={"workbench": json.dumps({**self.meta, "hook_names": self.hook_names})})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device | None = None, *,
-             model: str | None = None, hooks: Sequence[str] | None = None, positions: pos.PositionSpec | None = None,
+             model: str | ModelHandle | None = None, hooks: Sequence[str] | None = None,
+             positions: pos.PositionSpec | None = None,
              prompts: Sequence[str] | None = None, spans: Sequence | None = None,
              dtype: torch.dtype | None = None) -> "ActivationCache":
         """Read a saved cache onto ``device`` (default: CUDA if present); every expectation given (model, hooks,
-        ...) must match, else :class:`CacheError`."""
+        ...) must match, else :class:`CacheError`. A model handle is checked by name and by the fingerprint of its
+        weights (:func:`probes.provenance.weights_fingerprint`); a name alone cannot tell other weights apart."""
+        if Path(path).is_dir():  # a folder of shards, e.g. from probes.distributed.extract_distributed
+            sharded = ShardedActivationCache(path, device or default_device())
+            check_metadata(sharded.meta, path, model=model, hooks=hooks, positions=positions, prompts=prompts,
+                           spans=spans, dtype=dtype)
+            return sharded.dense()
         meta = read_metadata(path)
         check_metadata(meta, path, model=model, hooks=hooks, positions=positions, prompts=prompts, spans=spans,
                        dtype=dtype)
@@ -190,10 +196,12 @@ def check_metadata(meta: dict, path, *, model=None, hooks=None, positions=None, 
                    dtype=None) -> None:
     """Compare what a cache holds with what the caller asks for; raise one error listing every difference."""
     wanted = {}
-    if model is not None:
+    if isinstance(model, ModelHandle):
+        wanted["model"], wanted["weights"] = model.name, weights_fingerprint(model)
+    elif model is not None:
         wanted["model"] = model
     if hooks is not None:
-        wanted["hook_names"] = list(hooks)
+        wanted["hook_names"] = as_list(hooks, "hooks")
     if positions is not None:
         wanted["positions"] = positions if isinstance(positions, str) else [int(i) for i in positions]
     if prompts is not None:
@@ -237,12 +245,15 @@ class ShardedActivationCache:
         meta_file = self.directory / "meta.json"
         if not meta_file.is_file():
             raise CacheError(f"{self.directory} is not a sharded activation cache (no meta.json)")
-        self.meta = json.loads(meta_file.read_text())
+        remedy = f"delete the folder {self.directory} and extract again"
+        self.meta = read_json(meta_file, remedy)
         self.hook_names: list[str] = self.meta["hook_names"]
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         missing = [s for s in self.meta["shards"] if not (self.directory / s).is_file()]
         if missing:
-            raise CacheError(f"sharded cache {self.directory} is missing {missing}")
+            raise CacheError(f"sharded cache {self.directory} is missing {missing}; {remedy}")
+        for shard in self.meta["shards"]:
+            check_safetensors(self.directory / shard, remedy)
 
     def __len__(self) -> int:
         return self.meta["n_prompts"]
@@ -261,6 +272,18 @@ class ShardedActivationCache:
         for h, name in enumerate(self.hook_names):
             yield name, self.layer(h)
 
+    def dense(self) -> ActivationCache:
+        """All shards in memory as one :class:`ActivationCache` (rows in shard order), as a one-file cache loads."""
+        parts = []
+        for shard in self.meta["shards"]:
+            with safe_open(str(self.directory / shard), framework="pt", device=str(self.device)) as f:
+                parts.append(f.get_tensor("acts"))  # [n_hooks, rows, n_positions, d]
+        acts = torch.cat(parts, dim=1).movedim(0, 2).contiguous()
+        if len(acts) != len(self):
+            raise CacheError(f"sharded cache {self.directory} holds {len(acts)} rows but its index says {len(self)}")
+        meta = {k: v for k, v in self.meta.items() if k not in ("hook_names", "shards")}
+        return ActivationCache(acts.squeeze(1) if isinstance(meta["positions"], str) else acts, self.hook_names, meta)
+
 
 # ---------------------------------------------------------------------------------------------------- sinks
 
@@ -270,7 +293,7 @@ class _DenseSink:
         self.acts = torch.empty(n, n_pos, n_hooks, d, dtype=dtype, device=device)
 
     def write(self, rows: torch.Tensor, slot: int, values: torch.Tensor) -> None:
-        self.acts[rows, :, slot] = values.to(self.acts.dtype)
+        self.acts[rows, :, slot] = values.to(self.acts.device, self.acts.dtype)
 
 
 class _MeanSink:
@@ -280,7 +303,7 @@ class _MeanSink:
         self.counts = torch.bincount(self.labels, minlength=n_groups)
 
     def write(self, rows: torch.Tensor, slot: int, values: torch.Tensor) -> None:
-        self.sums[:, :, slot].index_add_(0, self.labels[rows], values.to(torch.float64))
+        self.sums[:, :, slot].index_add_(0, self.labels[rows], values.to(self.sums.device, torch.float64))
 
 
 # ---------------------------------------------------------------------------------------------------- engine
@@ -288,6 +311,7 @@ class _MeanSink:
 
 @dataclass
 class _Plan:
+    prompts: list  # materialised: a generator of prompts is read once
     hooks: list[str]
     spec: pos.PositionSpec
     token_spans: list[tuple[int, int]] | None
@@ -295,15 +319,22 @@ class _Plan:
     batches: list[list[int]]
 
 
-def default_batch_tokens(device: torch.device) -> int:
-    return 32768 if device.type == "cuda" else 4096
+def default_batch_tokens(device: torch.device, model: ModelHandle | None = None) -> int:
+    """Tokens per forward pass: 4096 on the CPU; on CUDA, what half the free memory of the model's fullest device
+    holds, at a rough peak of 16 activations of width d_model + d_mlp per token (an out-of-memory error halves the
+    batch anyway)."""
+    if device.type != "cuda":
+        return 4096
+    free = free_cuda_bytes(model_devices(model.hf_model) if model is not None else [device])
+    cfg = model.hf_model.config.get_text_config() if model is not None else None
+    width = (cfg.hidden_size + (getattr(cfg, "intermediate_size", None) or 4 * cfg.hidden_size)) if cfg else 8192
+    per_token = 16 * width * (model.dtype.itemsize if model is not None else 4)
+    return int(min(max(free // 2 // per_token, 256), 1 << 20))
 
 
 def _plan(model: ModelHandle, prompts: Sequence[str], hooks, positions, spans, batch_tokens,
           add_special_tokens: bool) -> _Plan:
-    if isinstance(prompts, str):
-        raise ValueError("prompts must be a list of strings, not one string")
-    prompts = list(prompts)
+    prompts = as_list(prompts, "prompts")
     if not prompts:
         raise ValueError("the prompt list is empty")
     pretokenized = all(isinstance(p, (list, tuple)) for p in prompts)
@@ -322,6 +353,10 @@ def _plan(model: ModelHandle, prompts: Sequence[str], hooks, positions, spans, b
     empty = [i for i, ids in enumerate(input_ids) if not ids]
     if empty:
         raise ValueError(f"prompts {empty[:5]} tokenize to nothing")
+    shortest = min(range(len(input_ids)), key=lambda i: len(input_ids[i]))
+    if not isinstance(spec, str) and len(input_ids[shortest]) < -min(spec):
+        raise ValueError(f"position {min(spec)} is before the start of prompt {shortest} "
+                         f"({len(input_ids[shortest])} tokens); use positions within the shortest prompt")
     token_spans = None
     if spans is not None:
         token_spans = [pos.span_token_range(off, sp) for off, sp in zip(enc["offset_mapping"], spans)]
@@ -333,7 +368,7 @@ def _plan(model: ModelHandle, prompts: Sequence[str], hooks, positions, spans, b
             current = []
         current.append(i)
     batches.append(current)
-    return _Plan(hooks, spec, token_spans, input_ids, batches)
+    return _Plan(prompts, hooks, spec, token_spans, input_ids, batches)
 
 
 def _pad(model: ModelHandle, ids: list[list[int]], side: str, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -349,6 +384,8 @@ def _pad(model: ModelHandle, ids: list[list[int]], side: str, device) -> tuple[t
 
 
 def _run(model: ModelHandle, plan: _Plan, sink, padding_side: str, progress: bool, desc: str) -> None:
+    """Forward passes over ``plan.batches``; each batch's activations reach ``sink`` only once its pass is done,
+    so a batch cut in half after an out-of-memory error is never counted twice."""
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     device = model.device
@@ -357,7 +394,7 @@ def _run(model: ModelHandle, plan: _Plan, sink, padding_side: str, progress: boo
     state: dict = {}
 
     def store(slot: int, hidden: torch.Tensor, last: bool) -> None:
-        sink.write(state["rows"], slot, state["where"].gather(hidden))
+        state["pending"].append((slot, state["where"].gather(hidden)))
         if last:
             raise _StopForward
 
@@ -371,18 +408,25 @@ def _run(model: ModelHandle, plan: _Plan, sink, padding_side: str, progress: boo
             forward = model.bridge.original_model
         bar = stack.enter_context(tqdm(total=sum(map(len, plan.batches)), desc=desc, unit="prompt",
                                        disable=not progress))
+
+        def run_batch(batch: list[int]) -> None:
+            ids, mask = _pad(model, [plan.input_ids[i] for i in batch], padding_side, device)
+            spans = [plan.token_spans[i] for i in batch] if plan.token_spans else None
+            state["where"], state["pending"] = pos.resolve(plan.spec, mask, spans), []
+            position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+            try:
+                forward(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
+            except _StopForward:
+                pass
+            rows = torch.tensor(batch)
+            for slot, values in state.pop("pending"):
+                sink.write(rows, slot, values)
+            bar.update(len(batch))
+
+        halving = Halving(desc)
         with torch.inference_mode():
             for batch in plan.batches:
-                ids, mask = _pad(model, [plan.input_ids[i] for i in batch], padding_side, device)
-                spans = [plan.token_spans[i] for i in batch] if plan.token_spans else None
-                state["rows"] = torch.tensor(batch, device=device)
-                state["where"] = pos.resolve(plan.spec, mask, spans)
-                position_ids = (mask.cumsum(1) - 1).clamp(min=0)
-                try:
-                    forward(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
-                except _StopForward:
-                    pass
-                bar.update(len(batch))
+                halving.run(batch, run_batch)
 
 
 def _add_layer_hooks(stack: contextlib.ExitStack, layers, points: list[tuple[int, str]], store) -> None:
@@ -432,7 +476,8 @@ def extract(model: ModelHandle, prompts: Sequence[str], hooks: Sequence[str] | N
     budget = max_device_bytes if max_device_bytes is not None else _free_device_bytes(device)
     meta = {"format": FORMAT_VERSION, "model": model.name, "hook_names": plan.hooks,
             "positions": plan.spec if isinstance(plan.spec, str) else list(plan.spec), "dtype": _dtype_name(dtype),
-            "n_prompts": n, "width": width, "prompts_sha256": _prompts_digest(prompts, spans)}
+            "n_prompts": n, "width": width, "prompts_sha256": _prompts_digest(plan.prompts, spans),
+            "weights": weights_fingerprint(model)}
     if n * row_bytes > budget:
         if spill_dir is None:
             raise ValueError(f"the cache needs {n * row_bytes / 2**30:.2f} GiB, over the device budget of "
@@ -457,14 +502,13 @@ def _extract_sharded(model: ModelHandle, plan: _Plan, meta: dict, dtype, rows_pe
                      progress: bool, directory: Path) -> ShardedActivationCache:
     if directory.exists():
         raise CacheError(f"{directory} exists already; remove it or choose another spill_dir")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with atomic_folder(directory) as tmp:  # shards and meta.json are one unit
         shards = []
         all_rows = list(range(len(plan.input_ids)))
         for k, start in enumerate(range(0, len(all_rows), rows_per_shard)):
             rows = all_rows[start:start + rows_per_shard]
-            sub = _Plan(plan.hooks, plan.spec, [plan.token_spans[i] for i in rows] if plan.token_spans else None,
+            sub = _Plan([plan.prompts[i] for i in rows], plan.hooks, plan.spec,
+                        [plan.token_spans[i] for i in rows] if plan.token_spans else None,
                         [plan.input_ids[i] for i in rows], [])
             sub.batches = _rebatch(plan.batches, rows)
             sink = _DenseSink(len(rows), pos.n_positions(plan.spec), len(plan.hooks), meta["width"], dtype,
@@ -475,9 +519,6 @@ def _extract_sharded(model: ModelHandle, plan: _Plan, meta: dict, dtype, rows_pe
             shards.append(name)
             del sink
         (tmp / "meta.json").write_text(json.dumps({**meta, "shards": shards}, indent=1))
-        os.replace(tmp, directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return ShardedActivationCache(directory, model.device)
 
 
