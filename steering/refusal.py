@@ -21,11 +21,15 @@ from pathlib import Path
 from typing import Any, Callable, ContextManager, Protocol, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from probes.datasets import load_refusal_instructions
+from probes.files import atomic_file, atomic_write_json, prepare_run_folder, write_figure
 from probes.models import ModelHandle, load_model
+from probes.provenance import weights_fingerprint
+from probes.readers import CorruptFileError
 from steering.directions import CandidateDirections, diff_in_means
 from steering.generation import (answer_loss, chat_token_ids, generate, last_token_logits, next_token_logits,
                                  next_token_logprobs)
@@ -41,6 +45,8 @@ REFUSAL_PHRASES = (
 )
 # First words of refusals; their first tokens make up the fast refusal score.
 REFUSAL_STARTS = ("I", "Sorry", "As", "Unfortunately")
+# What a run writes in its folder (replaced as a whole by the next run); OUT/cache is kept: it resumes runs.
+OUTPUTS = ("results.json", "completions.json", "selection_heatmaps.html", "plotly.min.js", "checkpoint")
 
 
 class Judge(Protocol):
@@ -210,51 +216,67 @@ def _cached(path: Path, make: Callable[[], Any], meta: dict) -> Any:
         if saved.get("meta") == meta:
             return saved["value"]
     value = make()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"meta": meta, "value": value}))
-    tmp.replace(path)
+    atomic_write_json(path, {"meta": meta, "value": value}, indent=None)
     return value
+
+
+def _save_directions(path: Path, candidates: CandidateDirections, meta: dict) -> None:
+    """The candidates and the settings they were made with, as one safetensors file (settings in its metadata):
+    vectors are never paired with another run's settings."""
+    with atomic_file(path) as tmp:
+        save_file({"vectors": candidates.vectors.cpu().contiguous(),
+                   "excluded_dims": torch.tensor(candidates.excluded_dims, dtype=torch.long)}, str(tmp),
+                  metadata={"settings": json.dumps(meta)})
+
+
+def _load_directions(path: Path, meta: dict) -> dict[str, torch.Tensor] | None:
+    """The cached candidate tensors if ``path`` was made with the settings ``meta``, else None."""
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if json.loads((f.metadata() or {}).get("settings", "null")) != meta:
+                return None
+            return {k: f.get_tensor(k) for k in ("vectors", "excluded_dims")}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CorruptFileError(path, "delete it and rerun (the directions are recomputed)", err) from err
 
 
 def run(model: ModelHandle, out: Path, n_train: int = 128, n_val: int = 32, n_test: int = 64,
         max_new_tokens: int = 32, layer_step: int = 1, judge: Judge = substring_judge, batch_size: int = 64,
-        outlier_ratio: float | None = 10.0, progress: bool = True) -> dict:
+        outlier_ratio: float | None = 10.0, progress: bool = True, overwrite: bool = False) -> dict:
     """The whole pipeline; writes ``OUT/results.json``, figures, completions and the checkpoint.
 
     With ``outlier_ratio``, the residual-stream dimensions with massive activations on the training prompts (see
     :func:`steering.directions.outlier_dimensions`) are left out of every candidate; ``None`` or 0 keeps the paper's
     plain difference in means. Directions, selection scores and every set of completions are cached under
     ``OUT/cache`` (keyed by the settings), so a rerun after an interruption resumes. The model's weights are
-    orthogonalized in place.
+    orthogonalized in place. A folder holding a previous run's outputs is refused unless ``overwrite``, which
+    removes them first (:func:`probes.files.prepare_run_folder`; the cache stays).
     """
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_run_folder(out, OUTPUTS, overwrite)
     data = {f"{kind}_{split}": load_refusal_instructions(split, kind)[:n]
             for kind in ("harmful", "harmless") for split, n in (("train", n_train), ("val", n_val), ("test", n_test))}
     meta = {"model": model.name, "n_train": n_train, "n_val": n_val, "n_test": n_test, "layer_step": layer_step,
-            "outlier_ratio": outlier_ratio or None}
+            "outlier_ratio": outlier_ratio or None, "weights": weights_fingerprint(model)}
     start = time.perf_counter()
     layers = list(range(0, model.n_layers, layer_step))
     directions_file = out / "cache" / "directions.safetensors"
-    directions_meta = out / "cache" / "directions.json"
-    if directions_file.is_file() and directions_meta.is_file() and json.loads(directions_meta.read_text()) == meta:
-        saved = load_file(str(directions_file))
+    saved = _load_directions(directions_file, meta)
+    if saved is not None:
         candidates = CandidateDirections(saved["vectors"].to(model.device), model.post_instruction_positions(),
                                          layers, len(data["harmful_train"]), len(data["harmless_train"]),
                                          saved["excluded_dims"].tolist())
     else:
         candidates = diff_in_means(model, data["harmful_train"], data["harmless_train"], layers=layers,
                                    outlier_ratio=outlier_ratio, progress=progress)
-        directions_file.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"vectors": candidates.vectors.cpu().contiguous(),
-                   "excluded_dims": torch.tensor(candidates.excluded_dims, dtype=torch.long)}, str(directions_file))
-        directions_meta.write_text(json.dumps(meta))
+        _save_directions(directions_file, candidates, meta)
     scores = [CandidateScore(**s) for s in _cached(
         out / "cache" / "selection.json",
         lambda: [asdict(s) for s in score_candidates(model, candidates, data["harmful_val"], data["harmless_val"],
                                                      batch_size=batch_size, progress=progress)], meta)]
     best = select(scores)
-    selection_heatmaps(scores).write_html(out / "selection_heatmaps.html", include_plotlyjs="directory")
+    write_figure(selection_heatmaps(scores), out / "selection_heatmaps.html")
     direction = candidates.get(best.position, best.layer).float()
     meta = {**meta, "direction": asdict(best), "max_new_tokens": max_new_tokens}
     harmful, harmless = data["harmful_test"], data["harmless_test"]
@@ -285,7 +307,7 @@ def run(model: ModelHandle, out: Path, n_train: int = 128, n_val: int = 32, n_te
                     .mean())
     loss["orthogonalized"] = answer_loss(model, harmless, answers)
     gens["harmful_orthogonalized"] = completions("harmful_orthogonalized", harmful)
-    checkpoint = save_checkpoint(model, out / "checkpoint", direction, best.layer, best.position, overwrite=True,
+    checkpoint = save_checkpoint(model, out / "checkpoint", direction, best.layer, best.position, overwrite=overwrite,
                                  notes=f"Selected by `python -m steering.refusal` on {model.name}. Mean "
                                        f"KL(hooks || weights) of the next token on "
                                        f"{len(harmful) + len(harmless)} held-out prompts: {kl_edit:.3g}.")
@@ -303,10 +325,9 @@ def run(model: ModelHandle, out: Path, n_train: int = 128, n_val: int = 32, n_te
                "n_candidates": len(scores), "n_kept": sum(s.kept for s in scores),
                "kl_filter_relaxed": not best.kept, "excluded_dims": candidates.excluded_dims, "settings": meta,
                "seconds": time.perf_counter() - start}
-    (out / "completions.json").write_text(json.dumps(
-        {k: [{"instruction": i, "completion": c} for i, c in zip(prompts[k], v)] for k, v in gens.items()},
-        indent=1))
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    pairs = {k: [{"instruction": i, "completion": c} for i, c in zip(prompts[k], v)] for k, v in gens.items()}
+    atomic_write_json(out / "completions.json", pairs, indent=1)
+    atomic_write_json(out / "results.json", results)
     return results
 
 
@@ -314,6 +335,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="embedded-refuser")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the outputs of a previous run in --out (its cache is reused where it matches)")
     parser.add_argument("--n-train", type=int, default=128)
     parser.add_argument("--n-val", type=int, default=32)
     parser.add_argument("--n-test", type=int, default=64)
@@ -329,7 +352,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     results = run(model, args.out, args.n_train, args.n_val, args.n_test, args.max_new_tokens, args.layer_step,
-                  batch_size=args.batch_size, outlier_ratio=args.outlier_ratio)
+                  batch_size=args.batch_size, outlier_ratio=args.outlier_ratio, overwrite=args.overwrite)
     print(json.dumps({k: results[k] for k in ("direction", "refusal_score", "kl_harmless_ablation",
                                               "max_abs_logit_diff_orthogonalized_vs_hooks", "kl_orthogonalized_vs_hooks",
                                               "checkpoint")},

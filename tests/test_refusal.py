@@ -88,7 +88,7 @@ def test_pipeline_writes_the_contract_and_a_loadable_checkpoint(tmp_path, device
     reloaded = AutoModelForCausalLM.from_pretrained(saved["checkpoint"])
     assert reloaded.config.num_hidden_layers == model.n_layers
     assert (tmp_path / "selection_heatmaps.html").is_file() and (tmp_path / "completions.json").is_file()
-    # a rerun resumes from the cached directions and selection
+    # a rerun resumes from the cached directions and selection (replacing the previous run's outputs)
     again = refusal.run(load_model("random:llama-tiny", device=device), tmp_path, n_train=6, n_val=4, n_test=4,
-                        max_new_tokens=4, progress=False)
+                        max_new_tokens=4, progress=False, overwrite=True)
     assert again["direction"] == saved["direction"]
