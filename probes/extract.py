@@ -2,8 +2,10 @@
 
     python -m probes.extract --model embedded --dataset world_place --n 200 --out runs/demo/extract
     python -m probes.extract --model embedded --prompts-file prompts.txt --positions=-3,-2,-1 --out runs/x
+    torchrun --nproc-per-node 8 -m probes.extract --model M --dataset world_place --out runs/x   # one rank per GPU
 
-Writes ``OUT/activations.safetensors`` (see :class:`probes.cache.ActivationCache`) and ``OUT/results.json``.
+Writes ``OUT/activations.safetensors`` (see :class:`probes.cache.ActivationCache`) and ``OUT/results.json``; under
+``torchrun`` the cache is the folder of shards ``OUT/activations`` (see :mod:`probes.distributed`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from pathlib import Path
 
 import torch
 
+from probes import distributed
 from probes.cache import extract, residual_hooks
+from probes.files import atomic_write_json
 from probes.models import load_model
 from probes.positions import mark_span
 
@@ -42,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
 
-    model = load_model(args.model, device=args.device)
+    model = load_model(args.model, device=distributed.setup(args.device) if distributed.launched() else args.device)
     spans = None
     if args.dataset:
         from probes.datasets import load_entities
@@ -54,6 +58,8 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         prompts = [line for line in args.prompts_file.read_text().splitlines() if line.strip()][: args.n]
         positions = _parse_positions(args.positions or "last")
+    if distributed.launched():
+        return _main_distributed(args, model, prompts, spans, positions)
     start = time.perf_counter()
     cache = extract(model, prompts, hooks=residual_hooks(model), positions=positions, spans=spans,
                     dtype=getattr(torch, args.dtype))
@@ -69,6 +75,33 @@ def main(argv: list[str] | None = None) -> dict:
           f"-> {tuple(cache.acts.shape)} {args.dtype} on {model.device} in {seconds:.1f} s "
           f"({len(prompts) / seconds:.0f} prompts/s)\nmean residual norm by layer: "
           + " ".join(f"{x:.0f}" for x in norms) + f"\nwrote {path} and {args.out / 'results.json'}")
+    return results
+
+
+def _main_distributed(args: argparse.Namespace, model, prompts: list[str], spans, positions) -> dict:
+    """Under torchrun: every rank extracts its share into the one sharded cache ``OUT/activations``; rank 0 writes
+    results.json and prints."""
+    try:
+        start = time.perf_counter()
+        cache = distributed.extract_distributed(model, prompts, args.out / "activations", spans=spans,
+                                                overwrite=True, hooks=residual_hooks(model),
+                                                positions=positions, dtype=getattr(torch, args.dtype))
+        seconds = time.perf_counter() - start
+        norms = distributed.mean_norms(cache)
+        world_size, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    finally:
+        distributed.teardown()
+    n_positions = [] if isinstance(cache.meta["positions"], str) else [len(cache.meta["positions"])]
+    shape = [len(cache), *n_positions, len(cache.hook_names), cache.meta["width"]]
+    results = {"model": model.name, "n_prompts": len(prompts), "hook_names": cache.hook_names, "shape": shape,
+               "dtype": args.dtype, "device": model.device.type, "world_size": world_size, "seconds": seconds,
+               "prompts_per_second": len(prompts) / seconds, "mean_norm_per_layer": norms,
+               "cache": str(cache.directory)}
+    if rank == 0:
+        atomic_write_json(args.out / "results.json", results)
+        print(f"{model!r}\nextracted {len(prompts)} prompts on {world_size} ranks ({model.device.type}) -> "
+              f"{tuple(shape)} {args.dtype} in {seconds:.1f} s ({len(prompts) / seconds:.0f} prompts/s)\n"
+              f"wrote {cache.directory} and {args.out / 'results.json'}")
     return results
 
 
