@@ -22,7 +22,9 @@ import torch
 from tqdm.auto import tqdm
 
 from probes.datasets import NQSWAP_COLUMNS, load_entities
+from probes.errors import as_list
 from probes.models import ModelHandle
+from probes.readers import read_jsonl_gz
 
 USES_CONTEXT, USES_MEMORY, NEITHER = "context", "memory", "neither"
 
@@ -241,6 +243,7 @@ def generate_answers(model: ModelHandle, prompts: Sequence[str], max_new_tokens:
                      progress: bool = True) -> list[str]:
     """Greedy short answers to raw few-shot prompts (no chat template), batched with left padding on the plain HF
     model (so steering hooks apply); each answer is the first line of the continuation, stripped."""
+    prompts = as_list(prompts, "prompts")
     if not prompts:
         raise ValueError("no prompts to generate from")
     tokenizer = model.tokenizer
@@ -308,8 +311,8 @@ def load_examples(path: str | Path) -> list[ConflictExample]:
     if not path.is_file():
         raise FileNotFoundError(f"no conflict examples at {path}")
     fields = set(ConflictExample.__dataclass_fields__)
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = read_jsonl_gz(path, f"delete it and rebuild it with `python -m probes.conflict --model <model> --out "
+                               f"{path}` (a shipped file: `git checkout -- {path}`)")
     bad = [i for i, r in enumerate(rows) if set(r) != fields]
     if bad or not rows:
         raise ValueError(f"{path} is not a file of conflict examples (rows {bad[:5]} have other fields)"
@@ -331,24 +334,25 @@ def known_facts(model: ModelHandle, n: int | None = 500, seed: int = 0, cache: s
 
 def main(argv: list[str] | None = None) -> None:
     """Build and save the known-facts conflict set of a model."""
-    import argparse
-
+    from probes.cli_args import ArgumentParser, positive_int
     from probes.models import load_model
 
-    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser = ArgumentParser(main.__doc__)
     parser.add_argument("--model", default="embedded")
-    parser.add_argument("--n", type=int, default=500, help="most popular rows read per fact kind")
+    parser.add_argument("--n", type=positive_int, default=500, help="most popular rows read per fact kind")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="default: data/known_facts/<model>.jsonl.gz")
     args = parser.parse_args(argv)
-    model = load_model(args.model)
-    path = args.out or KNOWN_FACTS_DIR / f"{model.name.replace('/', '--')}.jsonl.gz"
+    path = args.out or KNOWN_FACTS_DIR / f"{args.model.replace('/', '--')}.jsonl.gz"
     if path.exists():
         raise FileExistsError(f"{path} exists; remove it to rebuild")
+    model = load_model(args.model)
     examples = known_facts(model, args.n, args.seed, path)
     kinds = {k: sum(e.kind == k for e in examples) for k in FACT_KINDS}
     print(f"{len(examples)} known facts {kinds} -> {path}")
 
 
 if __name__ == "__main__":
-    main()
+    from probes.cli_args import run_cli
+
+    run_cli(main)

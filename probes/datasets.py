@@ -6,12 +6,15 @@ See ``data/PROVENANCE.md`` for where each file comes from.
 from __future__ import annotations
 
 import json
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import pandas as pd
+
+from probes.readers import CorruptFileError
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 
@@ -85,22 +88,28 @@ def _read_table(source: str | Path, default: Path) -> pd.DataFrame:
     """A DataFrame from the shipped file, a local file (csv/json/jsonl/parquet, optionally .gz) or a HF id."""
     path = Path(source) if source is not None else default
     if path.exists():
-        name = path.name.removesuffix(".gz")
-        if name.endswith(".csv"):
-            return pd.read_csv(path)
-        if name.endswith(".jsonl"):
-            return pd.read_json(path, lines=True)
-        if name.endswith(".json"):
-            return pd.read_json(path)
-        if name.endswith(".parquet"):
-            return pd.read_parquet(path)
-        raise ValueError(f"cannot read {path}: use a .csv, .json, .jsonl or .parquet file (optionally .gz)")
+        return _read_file(path, "restore the shipped data with `git checkout -- data/`" if source is None else
+                          "fix or replace the file")
     if source is None:
         raise FileNotFoundError(f"shipped dataset {path} is missing; restore it with `git checkout -- data/` "
                                 "or pass source= a path or Hugging Face dataset id")
     if "/" in str(source) and not str(source).startswith((".", "/")):
         return _read_hub(str(source))
     raise FileNotFoundError(f"no dataset file at {path}")
+
+
+def _read_file(path: Path, remedy: str) -> pd.DataFrame:
+    """A local csv/json/jsonl/parquet file (optionally .gz); a truncated or corrupt one is named with ``remedy``."""
+    name = path.name.removesuffix(".gz")
+    readers = {".csv": pd.read_csv, ".jsonl": lambda p: pd.read_json(p, lines=True), ".json": pd.read_json,
+               ".parquet": pd.read_parquet}
+    read = next((r for suffix, r in readers.items() if name.endswith(suffix)), None)
+    if read is None:
+        raise ValueError(f"cannot read {path}: use a .csv, .json, .jsonl or .parquet file (optionally .gz)")
+    try:
+        return read(path)
+    except (EOFError, OSError, ValueError, zlib.error) as err:  # pandas' parser errors are ValueErrors
+        raise CorruptFileError(path, remedy, err) from err
 
 
 def _read_hub(dataset_id: str, split: str | None = None) -> pd.DataFrame:

@@ -11,7 +11,6 @@ Writes ``OUT/results.json`` and HTML figures.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from dataclasses import dataclass, field
@@ -22,7 +21,9 @@ import numpy as np
 import torch
 
 from probes.cache import extract, residual_hooks
+from probes.cli_args import ArgumentParser, positive_int, run_cli
 from probes.datasets import EntityData, load_entities
+from probes.errors import WorkbenchError, as_list
 from probes.linear import DEFAULT_ALPHAS, RidgeProbe
 from probes.metrics import haversine_km, proximity_error, r2_score, spearman
 from probes.models import ModelHandle, load_model
@@ -167,6 +168,17 @@ def sklearn_reference_r2(acts_layer: torch.Tensor, data: EntityData, alphas: Seq
     return r2_score(torch.as_tensor(y[~train]), torch.as_tensor(pred))
 
 
+def check_choices(datasets: Sequence[str], templates: Sequence[str]) -> None:
+    """Refuse unknown dataset or template names (before any model loads, on the command line)."""
+    datasets, templates = as_list(datasets, "datasets"), as_list(templates, "templates")
+    unknown = [d for d in datasets if d not in TEMPLATES]
+    if unknown or not datasets:
+        raise WorkbenchError(f"unknown dataset(s) {unknown or datasets}; choose from {list(TEMPLATES)}")
+    bad = [t for t in templates if t not in TEMPLATES[datasets[0]]]
+    if not templates or bad:
+        raise WorkbenchError(f"unknown template(s) {bad or templates}; choose from {list(TEMPLATES[datasets[0]])}")
+
+
 def reproduce(model: ModelHandle, datasets: Sequence[str], n: int | None,
               templates: Sequence[str] = ("empty", "question"), alphas: Sequence[float] = DEFAULT_ALPHAS,
               n_blocks: int = 5, neuron_ks: Sequence[int] = (1, 4, 16, 64), seed: int = 0,
@@ -176,12 +188,7 @@ def reproduce(model: ModelHandle, datasets: Sequence[str], n: int | None,
 
     ``on_dataset(results)`` is called after each dataset with the results so far (to save partial progress).
     """
-    unknown = [d for d in datasets if d not in TEMPLATES]
-    if unknown:
-        raise ValueError(f"unknown dataset(s) {unknown}; choose from {list(TEMPLATES)}")
-    bad = [t for t in templates if t not in TEMPLATES[datasets[0]]]
-    if not templates or bad:
-        raise ValueError(f"unknown template(s) {bad or templates}; choose from {list(TEMPLATES[datasets[0]])}")
+    check_choices(datasets, templates)
     results: dict = {"model": model.name, "n": n, "templates": list(templates), "datasets": {}}
     runs_by_dataset: dict[str, dict[str, ProbeResult]] = {}
     for name in datasets:
@@ -239,15 +246,16 @@ def run(model: ModelHandle, datasets: Sequence[str], n: int | None, out: Path, *
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(__doc__)
     parser.add_argument("--model", default="embedded")
     parser.add_argument("--datasets", default=",".join(ALL_DATASETS))
-    parser.add_argument("--n", type=int, default=3000, help="entities per dataset (most popular first)")
+    parser.add_argument("--n", type=positive_int, default=3000, help="entities per dataset (most popular first)")
     parser.add_argument("--templates", default="empty,question")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    check_choices(args.datasets.split(","), args.templates.split(","))
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     results = run(model, args.datasets.split(","), args.n, args.out, templates=args.templates.split(","))
     for name, entry in results["datasets"].items():
@@ -258,4 +266,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

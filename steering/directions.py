@@ -8,6 +8,7 @@ from typing import Sequence
 import torch
 
 from probes.cache import extract_group_means
+from probes.errors import as_list
 from probes.models import ModelHandle
 from steering.generation import chat_token_ids, pad
 
@@ -49,6 +50,7 @@ def diff_in_means(model: ModelHandle, positive: Sequence[str], negative: Sequenc
     With ``outlier_ratio``, the dimensions :func:`outlier_dimensions` finds on both groups are set to zero in every
     candidate (listed in ``excluded_dims``); by default none are (the paper's plain difference in means).
     """
+    positive, negative = as_list(positive, "positive"), as_list(negative, "negative")
     if not positive or not negative:
         raise ValueError("both groups need at least one prompt")
     positions = list(positions or model.post_instruction_positions())

@@ -7,12 +7,14 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from probes.errors import as_list
 from probes.models import ModelHandle
 
 
 def chat_token_ids(model: ModelHandle, instructions: Sequence[str]) -> list[list[int]]:
     """Token ids of each instruction wrapped in the chat template (special tokens come from the template)."""
-    return [model.tokenizer(model.format_chat(text), add_special_tokens=False)["input_ids"] for text in instructions]
+    return [model.tokenizer(model.format_chat(text), add_special_tokens=False)["input_ids"]
+            for text in as_list(instructions, "instructions")]
 
 
 def pad(model: ModelHandle, ids: Sequence[Sequence[int]], side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,9 +41,9 @@ def left_pad(model: ModelHandle, ids: Sequence[Sequence[int]]) -> tuple[torch.Te
 def generate(model: ModelHandle, instructions: Sequence[str], max_new_tokens: int = 32, batch_size: int = 32,
              progress: bool = True) -> list[str]:
     """Greedy completions of chat-formatted instructions, in the order given."""
-    if not instructions:
-        raise ValueError("no instructions to generate from")
     ids = chat_token_ids(model, instructions)
+    if not ids:
+        raise ValueError("no instructions to generate from")
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     out: list[str] = [""] * len(ids)
     for start in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress):
@@ -94,6 +96,7 @@ def answer_loss(model: ModelHandle, instructions: Sequence[str], answers: Sequen
                 ) -> float:
     """Mean cross-entropy per answer token of ``answers`` (plus end of sequence) after the chat-formatted
     ``instructions``, teacher-forced; exp of it is the perplexity."""
+    instructions, answers = as_list(instructions, "instructions"), as_list(answers, "answers")
     if len(instructions) != len(answers) or not answers:
         raise ValueError("need one answer per instruction, and at least one")
     eos = model.tokenizer.eos_token or ""

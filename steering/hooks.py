@@ -11,6 +11,7 @@ many candidate directions be evaluated in a single forward pass (see :func:`stee
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
@@ -84,9 +85,14 @@ def add(model: ModelHandle, direction: torch.Tensor, layer: int | Sequence[int],
         ) -> Iterator[None]:
     """Add ``coeff * direction`` (not normalised) to the residual stream entering block ``layer``, at all positions.
 
-    With per-row directions ``[batch, d]``, ``layer`` may also give one layer per row.
+    With per-row directions ``[batch, d]``, ``layer`` may also give one layer per row. A NaN or infinite direction
+    or coefficient is refused (it would turn every logit into NaN).
     """
     direction = _check_width(model, direction)
+    if not torch.isfinite(direction).all():
+        raise ValueError("direction has NaN or infinite entries; check how it was computed")
+    if not math.isfinite(float(coeff)):
+        raise ValueError(f"coeff must be a finite number, got {coeff}")
     layers = [layer] if isinstance(layer, int) else list(layer)
     if direction.dim() == 1 and len(layers) != 1:
         raise ValueError("one direction needs one layer; pass [batch, d_model] directions for one layer per row")

@@ -12,7 +12,6 @@ were.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
@@ -25,10 +24,11 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from probes.cli_args import format_layers, parse_layers
+from probes.cli_args import (ArgumentParser, check_layers, format_layers, layer_list, non_negative_int,
+                             positive_float, positive_int, run_cli)
 from probes.datasets import DATA_DIR, load_refusal_instructions
 from probes.files import atomic_folder
-from probes.models import EMBEDDED_HF_ID, ModelHandle, _resolve, embedded_checkpoint, wrap
+from probes.models import EMBEDDED_HF_ID, ModelHandle, _resolve, embedded_checkpoint, layer_count, wrap
 from steering.generation import answer_batch, answer_loss, chat_token_ids, generate
 
 ADAPTER_DIR = DATA_DIR / "refusal_organism"
@@ -221,27 +221,31 @@ def evaluate(n: int = 100, max_new_tokens: int = 32, device: str | None = None, 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(__doc__)
     parser.add_argument("--out", type=Path, default=ADAPTER_DIR, help="where to write (train) or read (--evaluate) "
                         "the adapter")
-    parser.add_argument("--n-harmful", type=int, default=260)
-    parser.add_argument("--n-harmless", type=int, default=260)
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--n-harmful", type=positive_int, default=260)
+    parser.add_argument("--n-harmless", type=positive_int, default=260)
+    parser.add_argument("--epochs", type=positive_int, default=3)
+    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument("--lr", type=positive_float, default=2e-3)
+    parser.add_argument("--rank", type=positive_int, default=8)
     parser.add_argument("--harmless-objective", choices=("ce", "kl"), default="kl",
                         help="harmless answers: KL to the base's next-token distribution along its greedy answer (keeps "
                              "perplexity; shipped adapter), or cross-entropy on that answer")
-    parser.add_argument("--layers", default=None, help="decoder blocks to adapt, e.g. 0-11 or 2,4,6 (default: all)")
+    parser.add_argument("--layers", type=layer_list, default=None, help="decoder blocks to adapt, e.g. 0-11 or 2,4,6 (default: all)")
     parser.add_argument("--modules", default=None,
                         help="comma-separated projections to adapt (default: every attention and MLP projection)")
     parser.add_argument("--model", default="embedded", help="base model to adapt (default: embedded)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None)
-    parser.add_argument("--evaluate", type=int, default=0, metavar="N",
+    parser.add_argument("--evaluate", type=non_negative_int, default=0, metavar="N",
                         help="instead of training, measure the adapter at --out on N held-out prompts of each kind")
     args = parser.parse_args(argv)
+    check_layers(args.layers, layer_count(args.model), args.model)
+    if args.evaluate and not (args.out / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"no refusal adapter at {args.out} to evaluate; train one with "
+                                f"`python -m steering.organism --out {args.out}` or point --out at one")
     if args.evaluate:
         report = evaluate(args.evaluate, device=args.device, adapter=args.out)
         (args.out / "evaluation.json").write_text(json.dumps(report, indent=2))
@@ -249,11 +253,11 @@ def main(argv: list[str] | None = None) -> dict:
         return report
     record = train(args.out, args.n_harmful, args.n_harmless, args.epochs, args.batch_size, args.lr, args.rank,
                    seed=args.seed, device=args.device, harmless_objective=args.harmless_objective,
-                   layers=parse_layers(args.layers), modules=args.modules.split(",") if args.modules else None,
+                   layers=args.layers, modules=args.modules.split(",") if args.modules else None,
                    model_name=args.model)
     print(json.dumps(record, indent=2))
     return record
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

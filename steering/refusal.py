@@ -12,7 +12,6 @@ are kept in ``OUT/cache`` so a rerun resumes.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -25,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from probes.cli_args import ArgumentParser, UsageError, non_negative_float, positive_int, run_cli
 from probes.datasets import load_refusal_instructions
 from probes.files import atomic_file, atomic_write_json, prepare_run_folder, write_figure
 from probes.models import ModelHandle, load_model
@@ -332,24 +332,26 @@ def run(model: ModelHandle, out: Path, n_train: int = 128, n_val: int = 32, n_te
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(__doc__)
     parser.add_argument("--model", default="embedded-refuser")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the outputs of a previous run in --out (its cache is reused where it matches)")
-    parser.add_argument("--n-train", type=int, default=128)
-    parser.add_argument("--n-val", type=int, default=32)
-    parser.add_argument("--n-test", type=int, default=64)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--layer-step", type=int, default=1, help="score every k-th layer only (faster)")
-    parser.add_argument("--batch-size", type=int, default=64, help="rows per forward pass")
-    parser.add_argument("--outlier-ratio", type=float, default=10.0,
+    parser.add_argument("--n-train", type=positive_int, default=128)
+    parser.add_argument("--n-val", type=positive_int, default=32)
+    parser.add_argument("--n-test", type=positive_int, default=64)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=32)
+    parser.add_argument("--layer-step", type=positive_int, default=1, help="score every k-th layer only (faster)")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="rows per forward pass")
+    parser.add_argument("--outlier-ratio", type=non_negative_float, default=10.0,
                         help="leave out of the directions the residual dimensions whose mean |activation| exceeds this "
                              "many times the median dimension's (massive activations); 0 keeps the paper's plain "
                              "difference in means")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None)
     args = parser.parse_args(argv)
+    if 0 < args.outlier_ratio <= 1:
+        raise UsageError(f"--outlier-ratio must be above 1 (or 0 to keep every dimension), got {args.outlier_ratio}")
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     results = run(model, args.out, args.n_train, args.n_val, args.n_test, args.max_new_tokens, args.layer_step,
                   batch_size=args.batch_size, outlier_ratio=args.outlier_ratio, overwrite=args.overwrite)
@@ -361,4 +363,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -16,7 +16,6 @@ exact match is reported on a held-out test split.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import random
@@ -29,11 +28,12 @@ import torch
 from tqdm.auto import tqdm
 
 from probes.cache import extract, residual_hooks
-from probes.cli_args import parse_layers
+from probes.cli_args import (ArgumentParser, check_layers, layer_list, number_list, positive_int, proportion,
+                             run_cli)
 from probes.conflict import (USES_CONTEXT, USES_MEMORY, ConflictExample, conflict_prompts, exact_match,
                              generate_answers, group_by_behaviour)
 from probes.linear import LogisticProbe
-from probes.models import ModelHandle, load_model
+from probes.models import ModelHandle, layer_count, load_model
 from steering.hooks import replace_residual
 from steering.mutual_info import mutual_information, select_latents
 
@@ -337,25 +337,37 @@ def load_saes(model: ModelHandle, layers: Sequence[int] | None, sae_dir: Path | 
     """SAEs by layer: from ``sae_dir`` (``layer_<L>`` folders written by :func:`steering.sae.save_sae`; default
     ``data/sae/<model>``), or pretrained through SAELens (``release`` and an ``sae_id`` with ``{layer}`` in it).
     Each acts at its own hook point, checked here (:func:`sae_hooks`)."""
-    from steering.sae import SAE_DIR, load_pretrained_sae, load_sae
+    from steering.sae import load_pretrained_sae, load_sae
+
+    folders = sae_folders(model.name, layers, sae_dir, release, sae_id)
+    if folders is None:
+        saes = {l: load_pretrained_sae(release, sae_id.format(layer=l), model.device) for l in layers}
+    else:
+        saes = {l: load_sae(path, model.device) for l, path in folders.items()}
+    sae_hooks(model, saes)
+    return saes
+
+
+def sae_folders(model_name: str, layers: Sequence[int] | None, sae_dir: Path | None = None,
+                release: str | None = None, sae_id: str | None = None) -> dict[int, Path] | None:
+    """The SAE folder of each layer asked for (``None`` for a pretrained release), checked without loading
+    anything: the command line calls it before the model loads."""
+    from steering.sae import SAE_DIR
 
     if release:
         if not sae_id or "{layer}" not in sae_id or not layers:
             raise ValueError("a pretrained release needs --layers and an --sae-id containing {layer}, e.g. "
                              "'layer_{layer}/width_16k/canonical'")
-        saes = {l: load_pretrained_sae(release, sae_id.format(layer=l), model.device) for l in layers}
-    else:
-        sae_dir = sae_dir or SAE_DIR / model.name.replace("/", "--")
-        found = {int(p.name.split("_")[1]): p for p in sorted(sae_dir.glob("layer_*")) if p.is_dir()}
-        if not found:
-            raise FileNotFoundError(f"no SAEs under {sae_dir}; train them with `python -m steering.train_saes "
-                                    f"--model {model.name}` or pass --sae-release/--sae-id")
-        missing = [l for l in layers or [] if l not in found]
-        if missing:
-            raise ValueError(f"no SAE for layer(s) {missing} under {sae_dir}; there are {sorted(found)}")
-        saes = {l: load_sae(found[l], model.device) for l in (layers or sorted(found))}
-    sae_hooks(model, saes)
-    return saes
+        return None
+    sae_dir = sae_dir or SAE_DIR / model_name.replace("/", "--")
+    found = {int(p.name.split("_")[1]): p for p in sorted(sae_dir.glob("layer_*")) if p.is_dir()}
+    if not found:
+        raise FileNotFoundError(f"no SAEs under {sae_dir}; train them with `python -m steering.train_saes "
+                                f"--model {model_name}` or pass --sae-release/--sae-id")
+    missing = [l for l in layers or [] if l not in found]
+    if missing:
+        raise ValueError(f"no SAE for layer(s) {missing} under {sae_dir}; there are {sorted(found)}")
+    return {l: found[l] for l in (layers or sorted(found))}
 
 
 def conflict_examples(model: ModelHandle, dataset: str, n: int | None, seed: int = 0) -> list[ConflictExample]:
@@ -372,28 +384,29 @@ def conflict_examples(model: ModelHandle, dataset: str, n: int | None, seed: int
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(__doc__)
     parser.add_argument("--model", default="embedded")
     parser.add_argument("--dataset", default="known_facts", choices=("known_facts", "nqswap"))
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--n", type=int, default=None, help="examples used (default: all)")
-    parser.add_argument("--layers", default=None, help="SAE layers to edit, e.g. 9,12 or 9-12 (default: every shipped SAE)")
+    parser.add_argument("--n", type=positive_int, default=None, help="examples used (default: all)")
+    parser.add_argument("--layers", type=layer_list, default=None, help="SAE layers to edit, e.g. 9,12 or 9-12 (default: every shipped SAE)")
     parser.add_argument("--sae-dir", type=Path, default=None)
     parser.add_argument("--sae-release", default=None, help="SAELens release of pretrained SAEs, e.g. gemma-scope-2b-pt-res-canonical")
     parser.add_argument("--sae-id", default=None, help="SAE id with {layer}, e.g. 'layer_{layer}/width_16k/canonical'")
-    parser.add_argument("--proportion", type=float, default=0.01, help="top proportion of latents by MI")
-    parser.add_argument("--strengths", default=",".join(f"{s:g}" for s in STRENGTHS),
+    parser.add_argument("--proportion", type=proportion, default=0.01, help="top proportion of latents by MI")
+    parser.add_argument("--strengths", type=number_list, default=list(STRENGTHS),
                         help="edit strengths tried on validation, e.g. 0.5,2")
-    parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None)
     args = parser.parse_args(argv)
+    layers, strengths = args.layers, args.strengths
+    check_layers(layers, layer_count(args.model), args.model)
+    sae_folders(args.model, layers, args.sae_dir, args.sae_release, args.sae_id)
     model = load_model(args.model, device=args.device, dtype=args.dtype)
-    layers = parse_layers(args.layers)
     saes = load_saes(model, layers, args.sae_dir, args.sae_release, args.sae_id)
     examples = conflict_examples(model, args.dataset, args.n, args.seed)
-    strengths = [float(x) for x in args.strengths.split(",")]
     results = run(model, examples, saes, args.out, proportion=args.proportion,
                   spare_grid=edit_grid("spare", strengths), actadd_grid=edit_grid("actadd", strengths),
                   max_new_tokens=args.max_new_tokens, seed=args.seed, dataset=args.dataset)
@@ -406,4 +419,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

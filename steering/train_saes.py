@@ -9,36 +9,40 @@ stored in each SAE's metadata and in ``OUT/training.json``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
 from probes.cli_args import parse_layers
-from probes.models import load_model
+from probes.cli_args import (ArgumentParser, UsageError, check_layers, non_negative_float, positive_float,
+                             positive_int, run_cli)
+from probes.models import layer_count, load_model
 from steering.sae import SAE_DIR, evaluate_sae, reconstruction_ce, save_sae, train_sae
 from steering.sae_corpus import corpus, token_activations
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(__doc__)
     parser.add_argument("--model", default="embedded")
     parser.add_argument("--layers", required=True, help="e.g. 9,15 or 9-15")
-    parser.add_argument("--d-sae", type=int, default=4096)
+    parser.add_argument("--d-sae", type=positive_int, default=4096)
     parser.add_argument("--architecture", choices=("standard", "topk"), default="topk")
-    parser.add_argument("--k", type=int, default=32, help="active latents per token (topk)")
-    parser.add_argument("--l1", type=float, default=5.0, help="L1 coefficient (standard)")
-    parser.add_argument("--epochs", type=float, default=8.0)
-    parser.add_argument("--max-tokens", type=int, default=300_000)
-    parser.add_argument("--heldout-texts", type=int, default=200)
+    parser.add_argument("--k", type=positive_int, default=32, help="active latents per token (topk)")
+    parser.add_argument("--l1", type=non_negative_float, default=5.0, help="L1 coefficient (standard)")
+    parser.add_argument("--epochs", type=positive_float, default=8.0)
+    parser.add_argument("--max-tokens", type=positive_int, default=300_000)
+    parser.add_argument("--heldout-texts", type=positive_int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None)
     parser.add_argument("--out", type=Path, default=None, help="default: data/sae/<model>")
     args = parser.parse_args(argv)
+    layers = parse_layers(args.layers)
+    check_layers(layers, layer_count(args.model), args.model)
+    if args.architecture == "topk" and args.k > args.d_sae:
+        raise UsageError(f"--k {args.k} is more than --d-sae {args.d_sae} latents; choose k <= d_sae")
     start = time.perf_counter()
     model = load_model(args.model, device=args.device)
-    layers = parse_layers(args.layers)
     out = args.out or SAE_DIR / model.name.replace("/", "--")
     texts = corpus(model, seed=args.seed)
     heldout, train = texts[:args.heldout_texts], texts[args.heldout_texts:]
@@ -62,4 +66,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
