@@ -21,8 +21,11 @@ import torch
 from probes import distributed
 from probes.cache import extract, residual_hooks
 from probes.files import atomic_write_json
+from probes.cli_args import ArgumentParser, positive_int, run_cli
+from probes.errors import WorkbenchError
 from probes.models import load_model
 from probes.positions import mark_span
+from probes.positions import validate as validate_positions
 
 
 def _parse_positions(text: str):
@@ -30,23 +33,8 @@ def _parse_positions(text: str):
     return [int(x) for x in text.split(",")] if re.fullmatch(r"-?\d+(,-?\d+)*", text) else text
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="embedded")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--dataset", help="an entity dataset name, e.g. world_place (see probes.datasets)")
-    source.add_argument("--prompts-file", type=Path, help="a text file with one prompt per line")
-    parser.add_argument("--template", default="{entity}", help="prompt template for dataset entities")
-    parser.add_argument("--n", type=int, default=None, help="number of entities (most popular first)")
-    parser.add_argument("--positions", default=None,
-                        help="last | span_last | span_mean | comma-separated negative indices "
-                             "(write --positions=-3,-2,-1; default: span_last for datasets, last for prompt files)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args(argv)
-
-    model = load_model(args.model, device=distributed.setup(args.device) if distributed.launched() else args.device)
+def _inputs(args: argparse.Namespace) -> tuple[list[str], list | None, str | list[int]]:
+    """Prompts, entity spans (or None) and positions from the arguments, checked before any model loads."""
     spans = None
     if args.dataset:
         from probes.datasets import load_entities
@@ -56,8 +44,32 @@ def main(argv: list[str] | None = None) -> dict:
         prompts, spans = [p for p, _ in marked], [s for _, s in marked]
         positions = _parse_positions(args.positions or "span_last")
     else:
+        if not args.prompts_file.is_file():
+            raise FileNotFoundError(f"no prompts file at {args.prompts_file}; give a text file with one prompt per line")
         prompts = [line for line in args.prompts_file.read_text().splitlines() if line.strip()][: args.n]
+        if not prompts:
+            raise WorkbenchError(f"{args.prompts_file} holds no prompts; write one prompt per line")
         positions = _parse_positions(args.positions or "last")
+    return prompts, spans, validate_positions(positions, spans is not None)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = ArgumentParser(__doc__)
+    parser.add_argument("--model", default="embedded")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--dataset", help="an entity dataset name, e.g. world_place (see probes.datasets)")
+    source.add_argument("--prompts-file", type=Path, help="a text file with one prompt per line")
+    parser.add_argument("--template", default="{entity}", help="prompt template for dataset entities")
+    parser.add_argument("--n", type=positive_int, default=None, help="number of entities (most popular first)")
+    parser.add_argument("--positions", default=None,
+                        help="last | span_last | span_mean | comma-separated negative indices "
+                             "(write --positions=-3,-2,-1; default: span_last for datasets, last for prompt files)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    prompts, spans, positions = _inputs(args)
+    model = load_model(args.model, device=distributed.setup(args.device) if distributed.launched() else args.device)
     if distributed.launched():
         return _main_distributed(args, model, prompts, spans, positions)
     start = time.perf_counter()
@@ -106,4 +118,4 @@ def _main_distributed(args: argparse.Namespace, model, prompts: list[str], spans
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
