@@ -77,6 +77,8 @@ def extract_distributed(model: ModelHandle, prompts: Sequence, directory: str | 
     """
     rank, world_size = dist.get_rank(), dist.get_world_size()
     prompts, directory = list(prompts), Path(directory)
+    if not prompts:
+        raise ValueError("the prompt list is empty")
     rows = share(len(prompts), rank, world_size)
     with contextlib.ExitStack() as stack:
         tmp = Path(_from_rank0(lambda: str(stack.enter_context(atomic_folder(directory, overwrite=overwrite)))))

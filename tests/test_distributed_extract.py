@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 
 import probes.distributed
 import probes.extract
-from probes.cache import ActivationCache, CacheError, ShardedActivationCache, extract
+from probes.cache import ActivationCache, CacheError, ShardedActivationCache, extract, residual_hooks
 from probes.distributed import extract_distributed, share
 from probes.models import load_model
 from probes.positions import mark_span
@@ -93,7 +93,8 @@ def _lost_device(*args, **kwargs):
 
 
 def _worker(rank: int, world_size: int, tmp: Path) -> None:
-    """One rank of the Python-API test: a run where rank 1 fails, then a good run with spans, in one process group."""
+    """One rank of the Python-API test: a run where rank 1 fails, then a good run with spans where rank 0's share
+    spills to disk in several shards, in one process group."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp / 'rendezvous'}", rank=rank, world_size=world_size)
     model = load_model(MODEL, device="cpu")
@@ -107,7 +108,9 @@ def _worker(rank: int, world_size: int, tmp: Path) -> None:
     except RuntimeError as err:
         outcome["failed_run_error"] = str(err)
     probes.distributed.extract = real_extract
-    cache = extract_distributed(model, prompts, tmp / "good", spans=spans, positions="span_mean", progress=False)
+    row_bytes = len(residual_hooks(model)) * model.d_model * 4
+    cache = extract_distributed(model, prompts, tmp / "good", spans=spans, positions="span_mean", progress=False,
+                                max_device_bytes=2 * row_bytes)  # a share over 2 rows spills, one row per shard
     outcome["good_rows"] = len(cache)
     (tmp / f"rank{rank}.json").write_text(json.dumps(outcome))
     dist.destroy_process_group()
@@ -128,5 +131,8 @@ def test_python_api_equals_one_process_and_a_failed_rank_leaves_no_cache(model, 
 
     prompts, spans = [p for p, _ in ENTITIES], [s for _, s in ENTITIES]
     assert [o["good_rows"] for o in outcomes] == [len(prompts)] * 2  # every rank gets the whole cache back
+    # rank 0's 3 rows spill (one shard per row), rank 1's 2 rows just fit its budget (one shard): one index
+    assert ShardedActivationCache(tmp_path / "good").meta["shards"] == [
+        *(f"rank-00000/shard-{k:05d}.safetensors" for k in range(3)), "shard-00001.safetensors"]
     expected = extract(model, prompts, spans=spans, positions="span_mean", progress=False)
     assert_same_cache(ActivationCache.load(tmp_path / "good", "cpu", prompts=prompts, spans=spans), expected)
