@@ -126,6 +126,8 @@ def atomic_folder(path: str | os.PathLike, overwrite: bool = False) -> Iterator[
         os.chmod(tmp, 0o777 & ~umask())  # mkdtemp creates 0700 whatever the umask
         _fsync_tree(tmp)
         if path.exists():
+            if not overwrite:  # it appeared while the body ran
+                raise FileExistsError(f"{path} was created meanwhile; pass overwrite=True or choose another path")
             os.replace(path, old)
         try:
             os.replace(tmp, path)

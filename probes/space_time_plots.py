@@ -8,6 +8,8 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from probes.files import write_figure
+
 MAP_SCOPES = {"world_place": "world", "us_place": "usa", "nyc_place": "nyc"}
 
 
@@ -80,17 +82,17 @@ def heldout_bars(results: dict) -> go.Figure:
     return fig
 
 
+# The files write_all writes (a run folder's figures, replaced as a whole by the next run).
+FIGURE_FILES = ("r2_by_layer.html", "spearman_by_layer.html", "templates.html", "heldout_blocks.html",
+                "*_predictions.html")
+
+
 def write_all(results: dict, runs: dict, out: Path) -> list[Path]:
-    """Every figure as HTML in ``out`` (plotly.js written once beside them)."""
+    """Every figure as HTML in ``out`` (plotly.js written once beside them), each file atomically."""
     figures = {"r2_by_layer": r2_by_layer(results), "spearman_by_layer": r2_by_layer(results, "spearman"),
                "templates": template_robustness(results), "heldout_blocks": heldout_bars(results)}
     for name, by_template in runs.items():
         run = next(iter(by_template.values()))
         figures[f"{name}_predictions"] = (place_map(run, MAP_SCOPES[name]) if name in MAP_SCOPES
                                           else time_scatter(run))
-    paths = []
-    for name, fig in figures.items():
-        path = out / f"{name}.html"
-        fig.write_html(path, include_plotlyjs="directory")
-        paths.append(path)
-    return paths
+    return [write_figure(fig, out / f"{name}.html") for name, fig in figures.items()]

@@ -7,6 +7,7 @@ from pathlib import Path
 import plotly.graph_objects as go
 
 from probes.cache import RESIDUAL_HOOK
+from probes.files import write_figure
 
 METHODS = ("no_edit", "actadd", "spare")
 
@@ -53,9 +54,13 @@ def mi_ranking(results: dict, layer: int | str) -> go.Figure:
     return fig
 
 
+# The files write_all writes (a run folder's figures, replaced as a whole by the next run).
+FIGURE_FILES = ("probe_accuracy.html", "steering.html", "latents_layer*.html")
+
+
 def write_all(results: dict, out: Path) -> None:
-    """Every figure as HTML in ``out`` (plotly.js once, beside them)."""
+    """Every figure as HTML in ``out`` (plotly.js once, beside them), each file atomically."""
     figures = {"probe_accuracy": probe_accuracy(results), "steering": steering_bars(results)}
     figures.update({f"latents_layer{l}": mi_ranking(results, l) for l in results["spare_layers"]})
     for name, fig in figures.items():
-        fig.write_html(out / f"{name}.html", include_plotlyjs="directory")
+        write_figure(fig, out / f"{name}.html")
