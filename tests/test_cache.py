@@ -179,7 +179,6 @@ def test_random_model_extraction(tiny):
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(prompts=[]), "empty"),
-    (dict(prompts="one string"), "list of strings"),
     (dict(hooks=["blocks.99.hook_resid_pre"]), "unknown hook"),
     (dict(hooks=["blocks.0.hook_nonsense"]), "unknown hook"),
     (dict(positions="first"), "unknown position mode"),

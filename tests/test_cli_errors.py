@@ -1,0 +1,60 @@
+"""Every CLI refuses a user error with one line ``error: ...`` and exit status 2, before any model is loaded
+(``--model`` names a model that does not exist: had it been looked at first, the error would be about it);
+``--debug`` shows the traceback instead (issue 14, point 5)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+NO_MODEL = "no-such-model-xyz"
+
+
+def run_cli(module: str, *args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=300,
+                          cwd=cwd, env={**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"})
+
+
+CASES = [
+    ("probes.extract", ["--model", NO_MODEL, "--dataset", "world_place", "--n", "-3"], "--n: '-3' is not a positive"),
+    ("probes.extract", ["--model", NO_MODEL, "--prompts-file", "missing.txt"], "no prompts file at missing.txt"),
+    ("probes.extract", ["--model", NO_MODEL, "--dataset", "world_plac"], "unknown entity dataset 'world_plac'"),
+    ("probes.extract", ["--model", NO_MODEL, "--dataset", "art", "--template", "Tell me"], "no {entity} placeholder"),
+    ("probes.space_time", ["--model", NO_MODEL, "--datasets", "world_place,mars"], "unknown dataset(s) ['mars']"),
+    ("probes.space_time", ["--model", NO_MODEL, "--templates", "empty,loud"], "unknown template(s) ['loud']"),
+    ("probes.space_time", ["--model", NO_MODEL, "--n", "-2"], "--n: '-2' is not a positive"),
+    ("steering.refusal", ["--model", NO_MODEL, "--n-train", "-3"], "--n-train: '-3' is not a positive"),
+    ("steering.refusal", ["--model", NO_MODEL, "--n-val", "0"], "--n-val: '0' is not a positive"),
+    ("steering.refusal", ["--model", NO_MODEL], f"unknown model '{NO_MODEL}': not a built-in name"),
+    ("steering.refusal", ["--model", "random:llama", "--device", "gpu0"], "unknown device 'gpu0'"),
+    ("steering.refusal", ["--model", "random:llama", "--dtype", "float33"], "unsupported dtype 'float33'"),
+    ("steering.spare", ["--model", NO_MODEL, "--proportion", "1.5"], "--proportion: '1.5' is not a proportion"),
+    ("steering.spare", ["--model", NO_MODEL, "--strengths", "1,x"], "--strengths: 'x' is not a number"),
+    ("steering.spare", ["--model", NO_MODEL, "--layers", "5-2"], "reversed layer range '5-2'"),
+    ("steering.spare", ["--model", "random:llama", "--layers", "1,7"], "[7] out of range"),
+    ("steering.organism", ["--model", NO_MODEL, "--n-harmful", "0"], "--n-harmful: '0' is not a positive"),
+    ("steering.organism", ["--model", "random:llama", "--layers", "0-5"], "[3, 4, 5] out of range"),
+    ("steering.organism", ["--evaluate", "2"], "no refusal adapter at"),
+    ("steering.train_saes", ["--model", "random:llama", "--layers", "2-9"], "out of range"),
+    ("steering.train_saes", ["--model", NO_MODEL, "--layers", "1", "--k", "-1"], "--k: '-1' is not a positive"),
+    ("probes.conflict", ["--model", NO_MODEL, "--n", "0"], "--n: '0' is not a positive"),
+]
+
+
+@pytest.mark.parametrize("module, args, message", CASES, ids=[f"{m}:{' '.join(a[2:])}" for m, a, _ in CASES])
+def test_user_error_is_one_line_and_status_2(module, args, message, tmp_path):
+    out = ["--out", str(tmp_path / "out")] if module not in ("steering.train_saes", "probes.conflict") else []
+    if module == "probes.conflict":
+        out = ["--out", str(tmp_path / "facts.jsonl.gz")]
+    done = run_cli(module, *args, *out, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr[-3000:]
+    assert message in lines[0]
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    done = run_cli("steering.refusal", "--model", NO_MODEL, "--out", str(tmp_path / "out"), "--debug")
+    assert done.returncode not in (0, 2)
+    assert "Traceback" in done.stderr and "ModelLoadError" in done.stderr
