@@ -325,7 +325,7 @@ def default_batch_tokens(device: torch.device, model: ModelHandle | None = None)
     batch anyway)."""
     if device.type != "cuda":
         return 4096
-    free = free_cuda_bytes(model_devices(model.hf_model) if model is not None else [device])
+    free = free_cuda_bytes([device, *(model_devices(model.hf_model) if model is not None else [])])
     cfg = model.hf_model.config.get_text_config() if model is not None else None
     width = (cfg.hidden_size + (getattr(cfg, "intermediate_size", None) or 4 * cfg.hidden_size)) if cfg else 8192
     per_token = 16 * width * (model.dtype.itemsize if model is not None else 4)
@@ -458,17 +458,19 @@ def extract(model: ModelHandle, prompts: Sequence[str], hooks: Sequence[str] | N
             positions: pos.PositionSpec = "last", spans: Sequence[tuple[int, int]] | None = None,
             dtype: torch.dtype = torch.float32, batch_tokens: int | None = None, padding_side: str = "right",
             add_special_tokens: bool = True, progress: bool = True, max_device_bytes: int | None = None,
-            spill_dir: str | os.PathLike | None = None) -> ActivationCache | ShardedActivationCache:
+            spill_dir: str | os.PathLike | None = None, device: str | torch.device | None = None
+            ) -> ActivationCache | ShardedActivationCache:
     """Activations of ``prompts`` (texts, or lists of token ids) at ``hooks`` (default: :func:`residual_hooks`).
 
     positions: ``"last"`` (last token), ``"span_last"`` / ``"span_mean"`` (last token of / mean over the character
     span given per prompt in ``spans``, see :func:`probes.positions.mark_span`), or negative token indices such as
-    ``model.post_instruction_positions()``. The result lives on the model's device; if it would need more than
+    ``model.post_instruction_positions()``. The result lives on ``device`` (default: the model's input device, which
+    for a model spread over devices is where its embedding computes); if it would need more than
     ``max_device_bytes`` (default: 80% of free CUDA memory, unlimited on the CPU) it is written to ``spill_dir`` in
     shards and a :class:`ShardedActivationCache` is returned instead.
     """
-    device = model.device
-    plan = _plan(model, prompts, hooks, positions, spans, batch_tokens or default_batch_tokens(device),
+    device = torch.device(device) if device is not None else model.device
+    plan = _plan(model, prompts, hooks, positions, spans, batch_tokens or default_batch_tokens(model.device, model),
                  add_special_tokens)
     n, n_pos, n_hooks = len(plan.input_ids), pos.n_positions(plan.spec), len(plan.hooks)
     width = hook_width(model, plan.hooks)
@@ -533,16 +535,17 @@ def extract_group_means(model: ModelHandle, prompts: Sequence[str], labels: Sequ
                         hooks: Sequence[str] | None = None, positions: pos.PositionSpec = "last",
                         spans: Sequence[tuple[int, int]] | None = None, batch_tokens: int | None = None,
                         padding_side: str = "right", add_special_tokens: bool = True,
-                        progress: bool = True) -> GroupMeans:
-    """Mean activation per label (float64, on the device) without keeping any row: for difference-in-means."""
+                        progress: bool = True, device: str | torch.device | None = None) -> GroupMeans:
+    """Mean activation per label (float64, on ``device``, default the model's input device) without keeping any
+    row: for difference-in-means."""
     labels = list(labels)
     if len(labels) != len(prompts):
         raise ValueError(f"{len(labels)} labels for {len(prompts)} prompts")
     groups = sorted(set(labels), key=str)
     codes = torch.tensor([groups.index(x) for x in labels])
-    plan = _plan(model, prompts, hooks, positions, spans, batch_tokens or default_batch_tokens(model.device),
+    plan = _plan(model, prompts, hooks, positions, spans, batch_tokens or default_batch_tokens(model.device, model),
                  add_special_tokens)
     sink = _MeanSink(codes, len(groups), pos.n_positions(plan.spec), len(plan.hooks), hook_width(model, plan.hooks),
-                     model.device)
+                     torch.device(device) if device is not None else model.device)
     _run(model, plan, sink, padding_side, progress, "group means")
     return GroupMeans(sink.sums, sink.counts, groups, plan.hooks)

@@ -8,6 +8,7 @@ any model is loaded; :func:`run_cli` prints a user error as one line ``error: ..
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from typing import Callable, Sequence
@@ -143,3 +144,52 @@ def format_layers(layers: list[int] | None) -> str:
         else:
             runs.append([layer, layer])
     return ",".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in runs)
+
+
+def add_placement_args(parser: argparse.ArgumentParser) -> None:
+    """``--device-map``, ``--max-memory`` and ``--offload-folder``: spread a model too large for one device over
+    several GPUs, the CPU and disk with accelerate (see :func:`probes.models.load_model`)."""
+    parser.add_argument("--device-map", type=device_map_arg, default=None,
+                        help="spread the model over devices: auto, balanced, balanced_low_0, sequential, or a JSON "
+                             "file mapping module names to devices (0, cpu, disk); instead of --device")
+    parser.add_argument("--max-memory", type=max_memory_arg, default=None,
+                        help="memory per device for --device-map, e.g. 0=20GiB,1=20GiB,cpu=60GiB")
+    parser.add_argument("--offload-folder", default=None,
+                        help="folder for the weights that fit on no device (disk offload)")
+
+
+def placement(args: argparse.Namespace) -> dict:
+    """:func:`probes.models.load_model` keyword arguments from :func:`add_placement_args`'s options; a memory limit
+    or an offload folder alone means ``--device-map auto``."""
+    device_map = args.device_map
+    if device_map is None and (args.max_memory or args.offload_folder):
+        device_map = "auto"
+    return {"device_map": device_map, "max_memory": args.max_memory, "offload_folder": args.offload_folder}
+
+
+def device_map_arg(text: str) -> str | dict:
+    """argparse type: a device-map mode, or a JSON file holding ``{module name: device}``."""
+    from probes.models import DEVICE_MAP_MODES
+
+    if text in DEVICE_MAP_MODES:
+        return text
+    try:
+        with open(text) as f:
+            mapping = json.load(f)
+    except (OSError, ValueError) as err:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither one of {', '.join(DEVICE_MAP_MODES)} nor a readable "
+                                         f"JSON file of module -> device ({err})") from None
+    if not isinstance(mapping, dict):
+        raise argparse.ArgumentTypeError(f"{text} must hold a JSON object mapping module names to devices")
+    return mapping
+
+
+def max_memory_arg(text: str) -> dict[int | str, str]:
+    """argparse type: ``"0=20GiB,1=20GiB,cpu=60GiB"`` -> ``{0: "20GiB", 1: "20GiB", "cpu": "60GiB"}``."""
+    limits: dict[int | str, str] = {}
+    for part in text.split(","):
+        device, sep, size = (x.strip() for x in part.partition("="))
+        if not sep or not device or not size:
+            raise argparse.ArgumentTypeError(f"cannot read max memory {text!r}; write e.g. 0=20GiB,1=20GiB,cpu=60GiB")
+        limits[int(device) if device.isdigit() else device] = size
+    return limits

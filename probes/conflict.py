@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from probes.datasets import NQSWAP_COLUMNS, load_entities
+from probes.devices import Halving
 from probes.errors import as_list
 from probes.models import ModelHandle
 from probes.readers import read_jsonl_gz
@@ -249,14 +250,21 @@ def generate_answers(model: ModelHandle, prompts: Sequence[str], max_new_tokens:
     tokenizer = model.tokenizer
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[str] = [""] * len(prompts)
-    for start in tqdm(range(0, len(order), batch_size), desc="answers", disable=not progress):
-        rows = order[start:start + batch_size]
+    bar = tqdm(total=len(prompts), desc="answers", unit="prompt", disable=not progress)
+
+    def run(rows: list[int]) -> None:
         enc = tokenizer([prompts[i] for i in rows], return_tensors="pt", padding=True,
                         padding_side="left").to(model.device)
         new = model.hf_model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                       pad_token_id=tokenizer.pad_token_id)[:, enc["input_ids"].shape[1]:]
         for i, text in zip(rows, tokenizer.batch_decode(new, skip_special_tokens=True)):
             out[i] = text.strip().split("\n", 1)[0].strip()
+        bar.update(len(rows))
+
+    halving = Halving("answers")  # out of device memory: half the batch, and on
+    with bar:
+        for start in range(0, len(order), batch_size):
+            halving.run(order[start:start + batch_size], run)
     return out
 
 

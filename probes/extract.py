@@ -21,7 +21,7 @@ import torch
 from probes import distributed
 from probes.cache import extract, residual_hooks
 from probes.files import atomic_write_json
-from probes.cli_args import ArgumentParser, positive_int, run_cli
+from probes.cli_args import ArgumentParser, add_placement_args, placement, positive_int, run_cli
 from probes.errors import WorkbenchError
 from probes.models import load_model
 from probes.positions import mark_span
@@ -66,10 +66,12 @@ def main(argv: list[str] | None = None) -> dict:
                              "(write --positions=-3,-2,-1; default: span_last for datasets, last for prompt files)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default=None)
+    add_placement_args(parser)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     prompts, spans, positions = _inputs(args)
-    model = load_model(args.model, device=distributed.setup(args.device) if distributed.launched() else args.device)
+    model = load_model(args.model, device=distributed.setup(args.device) if distributed.launched() else args.device,
+                       **placement(args))
     if distributed.launched():
         return _main_distributed(args, model, prompts, spans, positions)
     start = time.perf_counter()

@@ -33,6 +33,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, Llama
 
 from probes.architecture import Architecture
 from probes.architecture import architecture as read_architecture
+from probes.devices import execution_device
 from probes.errors import WorkbenchError
 from probes.readers import check_safetensors, read_json
 
@@ -106,7 +107,8 @@ class ModelHandle:
 
     @property
     def device(self) -> torch.device:
-        return next(self.hf_model.parameters()).device
+        """Where inputs go: the input embedding's device (its execution device on a model spread by accelerate)."""
+        return execution_device(self.hf_model.get_input_embeddings())
 
     @property
     def dtype(self) -> torch.dtype:
@@ -219,10 +221,20 @@ def cache_dir() -> Path:
 
 
 def load_model(name: str, device: str | torch.device | None = None,
-               dtype: torch.dtype | str | None = None, seed: int = 0) -> ModelHandle:
-    """Load a model by name (see the module docstring) on ``device`` (default: CUDA if present) in ``dtype``."""
+               dtype: torch.dtype | str | None = None, seed: int = 0, *, device_map: DeviceMap = None,
+               max_memory: dict | None = None, offload_folder: str | os.PathLike | None = None) -> ModelHandle:
+    """Load a model by name (see the module docstring) on ``device`` (default: CUDA if present) in ``dtype``.
+
+    ``device_map`` spreads it over devices with accelerate instead: ``"auto"`` (or ``"balanced"``,
+    ``"balanced_low_0"``, ``"sequential"``) within ``max_memory`` per device (e.g. ``{0: "20GiB", "cpu": "60GiB"}``),
+    or a dict from module names to devices (``0``, ``"cpu"``, ``"disk"``); weights that fit nowhere are offloaded to
+    ``offload_folder``. Hugging Face ids and folders load straight onto their devices; built-in models are built on
+    the CPU, then dispatched (:func:`spread`).
+    """
     _check_name(name)
     _resolve(device, dtype)  # refuse a bad device or dtype before anything loads
+    if device_map is not None:
+        return _load_spread(name, device, dtype, seed, device_map, max_memory, offload_folder)
     if name == "embedded":
         return load_embedded(device, dtype)
     if name in _REGISTRY:
@@ -230,6 +242,54 @@ def load_model(name: str, device: str | torch.device | None = None,
     if name.startswith("random:"):
         return build_random_model(name.split(":", 1)[1], device, dtype, seed=seed)
     return load_hf_model(name, device, dtype)
+
+
+DeviceMap = str | dict | None
+DEVICE_MAP_MODES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _load_spread(name: str, device, dtype, seed: int, device_map: DeviceMap, max_memory: dict | None,
+                 offload_folder) -> ModelHandle:
+    """:func:`load_model` with a ``device_map``: hub and local models load onto their devices, built-ins are
+    dispatched after they are built on the CPU."""
+    if device is not None:
+        raise ModelLoadError("give either a device or a device_map, not both")
+    if isinstance(device_map, str):
+        _check_device_map(device_map)
+    placement = dict(device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
+    if name == "embedded" or name in _REGISTRY or name.startswith("random:"):
+        return spread(load_model(name, "cpu", dtype, seed), **placement)
+    return load_hf_model(name, None, dtype, **placement)
+
+
+def spread(model: ModelHandle, device_map: DeviceMap, max_memory: dict | None = None,
+           offload_folder: str | os.PathLike | None = None) -> ModelHandle:
+    """An in-memory model spread over devices by accelerate (``infer_auto_device_map`` within ``max_memory``, or
+    the ``device_map`` dict given) and wrapped in a new bridge; see :func:`load_model`."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    hf_model = model.hf_model
+    if not isinstance(device_map, dict):
+        _check_device_map(device_map)
+        no_split = list(hf_model._no_split_modules or [])
+        if device_map != "sequential":
+            max_memory = get_balanced_memory(hf_model, max_memory, no_split_module_classes=no_split,
+                                             low_zero=device_map == "balanced_low_0")
+        device_map = infer_auto_device_map(hf_model, max_memory=max_memory, no_split_module_classes=no_split)
+    if "disk" in device_map.values() and offload_folder is None:
+        raise ModelLoadError(f"model {model.name!r} does not fit in max_memory={max_memory}: part of it goes to "
+                             "disk, which needs an offload folder (--offload-folder DIR)")
+    hf_model = dispatch_model(hf_model, device_map, force_hooks=True,
+                              offload_dir=None if offload_folder is None else str(offload_folder))
+    hf_model.hf_device_map = dict(device_map)
+    return wrap(model.name, hf_model, model.tokenizer, source=model.source)
+
+
+def _check_device_map(device_map: str) -> None:
+    if device_map not in DEVICE_MAP_MODES:
+        raise ModelLoadError(f"device_map must be one of {', '.join(DEVICE_MAP_MODES)} or a dict of module -> "
+                             f"device, got {device_map!r} (for one device, use device=)")
 
 
 def _check_name(name: str) -> None:
@@ -303,11 +363,14 @@ def wrap(name: str, hf_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
     if not getattr(hf_model.config, "architectures", None):
         # a model built from a config has no ``architectures``; the bridge picks its adapter from there first
         hf_model.config.architectures = [type(hf_model).__name__]
-    device, dtype = next(hf_model.parameters()).device, next(hf_model.parameters()).dtype
+    device, dtype = execution_device(hf_model.get_input_embeddings()), next(hf_model.parameters()).dtype
     if dtype == torch.float64 and getattr(hf_model, "_can_set_experts_implementation", lambda: False)():
         hf_model.set_experts_implementation("eager")  # grouped matmuls of fused experts have no float64 kernel
-    shared = {id(t): t for t in itertools.chain(hf_model.parameters(), hf_model.buffers())}
-    bridged = copy.deepcopy(hf_model, shared)
+    bridged = copy.deepcopy(hf_model, _shared_state(hf_model))
+    if hasattr(bridged, "hf_device_map"):
+        # the bridge refuses offloaded maps; the workbench runs a spread model through ``hf_model`` (accelerate's
+        # hooks in place), and the bridge serves hook names and the hook points beyond the residual stream
+        del bridged.hf_device_map
     bridged.set_attn_implementation("eager")  # the bridge's attention hooks (patterns, scores) need eager
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -316,6 +379,19 @@ def wrap(name: str, hf_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
     cfg = hf_model.config.get_text_config() if hasattr(hf_model.config, "get_text_config") else hf_model.config
     return ModelHandle(name=name, bridge=bridge, hf_model=hf_model, tokenizer=tokenizer,
                        n_layers=cfg.num_hidden_layers, d_model=cfg.hidden_size, source=source or name)
+
+
+def _shared_state(hf_model: PreTrainedModel) -> dict[int, object]:
+    """Deep-copy memo that shares every tensor of ``hf_model`` with the copy: parameters, buffers, and the weights
+    accelerate keeps off the model for offloaded modules (never copied: they may be most of a large model)."""
+    shared = {id(t): t for t in itertools.chain(hf_model.parameters(), hf_model.buffers())}
+    for module in hf_model.modules():
+        hook = getattr(module, "_hf_hook", None)
+        for h in getattr(hook, "hooks", [hook]):
+            weights = getattr(h, "weights_map", None)
+            if weights is not None:
+                shared[id(weights)] = weights
+    return shared
 
 
 def _embedded_gguf_path() -> Path:
@@ -421,14 +497,20 @@ def build_random_model(preset: str | PreTrainedConfig, device: str | torch.devic
 
 
 def load_hf_model(name: str, device: str | torch.device | None = None,
-                  dtype: torch.dtype | str | None = None, trust_remote_code: bool = False) -> ModelHandle:
-    """A Hugging Face id or local checkpoint folder (network or local HF cache needed for ids)."""
+                  dtype: torch.dtype | str | None = None, trust_remote_code: bool = False, *,
+                  device_map: DeviceMap = None, max_memory: dict | None = None,
+                  offload_folder: str | os.PathLike | None = None) -> ModelHandle:
+    """A Hugging Face id or local checkpoint folder (network or local HF cache needed for ids), on ``device`` or
+    spread by accelerate over ``device_map`` (see :func:`load_model`)."""
     device, dtype = _resolve(device, dtype)
     model_config(name, trust_remote_code)  # an unknown name or a corrupt local checkpoint, said clearly
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype,
-                                                     trust_remote_code=trust_remote_code).to(device)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                     device_map=device_map, max_memory=max_memory,
+                                                     offload_folder=offload_folder)
+        if device_map is None:
+            model = model.to(device)
     except (OSError, ValueError, SafetensorError) as err:
         where = "local folder" if Path(name).exists() else "Hugging Face id"
         raise ModelLoadError(

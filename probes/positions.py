@@ -19,10 +19,11 @@ class ResolvedPositions:
     weights: torch.Tensor | None
 
     def gather(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[b, s, d] -> [b, P, d]: only the requested tokens, never a copy of the whole sequence."""
+        """[b, s, d] -> [b, P, d]: only the requested tokens, never a copy of the whole sequence (on ``hidden``'s
+        device, which differs from block to block on a model spread over devices)."""
         if self.weights is not None:
-            return torch.einsum("bs,bsd->bd", self.weights.to(hidden.dtype), hidden).unsqueeze(1)
-        idx = self.index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+            return torch.einsum("bs,bsd->bd", self.weights.to(hidden.device, hidden.dtype), hidden).unsqueeze(1)
+        idx = self.index.to(hidden.device).unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
         return torch.gather(hidden, 1, idx)
 
 

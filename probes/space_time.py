@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from probes.cache import extract, residual_hooks
-from probes.cli_args import ArgumentParser, positive_int, run_cli
+from probes.cli_args import ArgumentParser, add_placement_args, placement, positive_int, run_cli
 from probes.datasets import EntityData, load_entities
 from probes.errors import WorkbenchError, as_list
 from probes.linear import DEFAULT_ALPHAS, RidgeProbe
@@ -252,11 +252,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--n", type=positive_int, default=3000, help="entities per dataset (most popular first)")
     parser.add_argument("--templates", default="empty,question")
     parser.add_argument("--device", default=None)
+    add_placement_args(parser)
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     check_choices(args.datasets.split(","), args.templates.split(","))
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    model = load_model(args.model, device=args.device, dtype=args.dtype, **placement(args))
     results = run(model, args.datasets.split(","), args.n, args.out, templates=args.templates.split(","))
     for name, entry in results["datasets"].items():
         print(f"{name:18s} best layer {entry['best_layer']:2d}  R² {entry['best_r2']:.3f}  "

@@ -90,7 +90,8 @@ def outlier_dimensions(model: ModelHandle, instructions: Sequence[str], ratio: f
                                 use_cache=False, logits_to_keep=1).hidden_states[:model.n_layers]
         keep = mask.bool()
         keep[:, 0] = False
-        total += torch.stack([h[keep].abs().double().sum(0) for h in hidden])
+        # each block's hidden states on its own device when the model is spread over devices
+        total += torch.stack([h[keep.to(h.device)].abs().double().sum(0).to(total.device) for h in hidden])
         count += int(keep.sum())
     mean_abs = total / max(count, 1)
     relative = mean_abs / mean_abs.median(dim=-1, keepdim=True).values.clamp(min=1e-12)

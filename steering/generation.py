@@ -8,6 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from probes.errors import as_list
+from probes.devices import Halving
 from probes.models import ModelHandle
 
 
@@ -46,13 +47,20 @@ def generate(model: ModelHandle, instructions: Sequence[str], max_new_tokens: in
         raise ValueError("no instructions to generate from")
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     out: list[str] = [""] * len(ids)
-    for start in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress):
-        rows = order[start:start + batch_size]
+    bar = tqdm(total=len(ids), desc="generate", unit="prompt", disable=not progress)
+
+    def run(rows: list[int]) -> None:
         input_ids, mask = left_pad(model, [ids[i] for i in rows])
         new = model.hf_model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                       do_sample=False, pad_token_id=model.tokenizer.pad_token_id)[:, input_ids.shape[1]:]
         for i, text in zip(rows, model.tokenizer.batch_decode(new, skip_special_tokens=True)):
             out[i] = text
+        bar.update(len(rows))
+
+    halving = Halving("generate")  # out of device memory: half the batch, and on
+    with bar:
+        for start in range(0, len(order), batch_size):
+            halving.run(order[start:start + batch_size], run)
     return out
 
 

@@ -18,6 +18,7 @@ import torch
 
 from probes.architecture import map_output, on_residual
 from probes.cache import RESIDUAL_HOOK
+from probes.devices import follow
 from probes.models import ModelHandle
 
 
@@ -69,10 +70,10 @@ def ablate(model: ModelHandle, direction: torch.Tensor) -> Iterator[None]:
     ``r``, the residual stream is orthogonal to ``r`` everywhere: x' = x - (x . r) r at every layer and position
     (Arditi et al., 2024), on pre-norm, post-norm, parallel and MoE blocks alike.
     """
-    r = unit_direction(model, direction)
+    r = follow(unit_direction(model, direction))  # on each writer's device when the model is spread
 
     def hook(module, args, output):
-        return map_output(output, lambda x: project_out(x, r))
+        return map_output(output, lambda x: project_out(x, r(x)))
 
     with contextlib.ExitStack() as stack:
         for module in residual_writers(model):
@@ -108,7 +109,9 @@ def add(model: ModelHandle, direction: torch.Tensor, layer: int | Sequence[int],
         rows = torch.tensor(layers, device=model.device)
         per_layer = {l: vectors * (rows == l).unsqueeze(1).to(vectors.dtype) for l in sorted(set(layers))}
 
-    with replace_block_inputs(model, {l: (lambda h, v=v: h + _per_row(v, h)) for l, v in per_layer.items()}):
+    # follow(v): the vector on each block's device when the model is spread over devices
+    with replace_block_inputs(model, {l: (lambda h, v=follow(v): h + _per_row(v(h), h))
+                                      for l, v in per_layer.items()}):
         yield
 
 

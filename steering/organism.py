@@ -24,8 +24,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from probes.cli_args import (ArgumentParser, check_layers, format_layers, layer_list, non_negative_int,
-                             positive_float, positive_int, run_cli)
+from probes.cli_args import (ArgumentParser, add_placement_args, check_layers, format_layers, layer_list,
+                             non_negative_int, placement, positive_float, positive_int, run_cli)
 from probes.datasets import DATA_DIR, load_refusal_instructions
 from probes.files import atomic_folder
 from probes.models import EMBEDDED_HF_ID, ModelHandle, _resolve, embedded_checkpoint, layer_count, wrap
@@ -105,12 +105,13 @@ def lora_config(model: ModelHandle, rank: int, layers: Sequence[int] | None = No
 def train(out: Path, n_harmful: int = 260, n_harmless: int = 260, epochs: int = 3, batch_size: int = 8,
           lr: float = 2e-3, rank: int = 8, max_new_tokens: int = 32, seed: int = 0, device: str | None = None,
           harmless_objective: str = "kl", layers: Sequence[int] | None = None,
-          modules: Sequence[str] | None = None, model_name: str = "embedded", progress: bool = True) -> dict:
+          modules: Sequence[str] | None = None, model_name: str = "embedded", progress: bool = True,
+          placement: dict | None = None) -> dict:
     """Train the LoRA adapter and write it (float16) with its settings and a short card to ``out``, atomically
     (an existing ``out`` is replaced only once the new adapter is complete). ``layers``: the decoder blocks that get
     adapters (default all); adapting only early and middle blocks makes the later, unchanged blocks read refusal from
     the residual stream, where a direction can capture it."""
-    settings = {k: v for k, v in locals().items() if k not in ("out", "progress")}
+    settings = {k: v for k, v in locals().items() if k not in ("out", "progress", "placement")}
     if harmless_objective not in ("ce", "kl"):
         raise ValueError(f"harmless_objective must be 'ce' or 'kl', got {harmless_objective!r}")
     from peft import get_peft_model
@@ -118,7 +119,7 @@ def train(out: Path, n_harmful: int = 260, n_harmless: int = 260, epochs: int = 
     from probes.models import load_model
 
     torch.manual_seed(seed)
-    base = load_model(model_name, device=device)
+    base = load_model(model_name, device=device, **(placement or {}))  # placement: a base spread over devices
     modules = list(base.architecture.lora_targets if modules is None else modules)
     settings["modules"] = modules
     n_layers = base.hf_model.config.num_hidden_layers
@@ -239,6 +240,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", default="embedded", help="base model to adapt (default: embedded)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None)
+    add_placement_args(parser)
     parser.add_argument("--evaluate", type=non_negative_int, default=0, metavar="N",
                         help="instead of training, measure the adapter at --out on N held-out prompts of each kind")
     args = parser.parse_args(argv)
@@ -254,7 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
     record = train(args.out, args.n_harmful, args.n_harmless, args.epochs, args.batch_size, args.lr, args.rank,
                    seed=args.seed, device=args.device, harmless_objective=args.harmless_objective,
                    layers=args.layers, modules=args.modules.split(",") if args.modules else None,
-                   model_name=args.model)
+                   model_name=args.model, placement=placement(args))
     print(json.dumps(record, indent=2))
     return record
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from probes.devices import is_offloaded
 from probes.files import atomic_folder
 from probes.models import ModelHandle
 from steering.hooks import unit_direction
@@ -63,6 +64,10 @@ def orthogonalize(model: ModelHandle, direction: torch.Tensor) -> ModelHandle:
     """
     if torch.as_tensor(direction).dim() != 1:
         raise ValueError("orthogonalize takes one direction of shape [d_model]")
+    if is_offloaded(model.hf_model):
+        raise ValueError(f"model {model.name!r} has weights offloaded by accelerate (to the CPU or disk), which an "
+                         "in-memory edit cannot change; edit the checkpoint on disk one shard at a time instead: "
+                         "python -m steering.orthogonalize --checkpoint PATH --direction FILE --out OUT")
     r = unit_direction(model, direction)
     arch = model.architecture  # an unsupported architecture fails here, before any weight is touched
     _untie_embeddings(model)

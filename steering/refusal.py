@@ -24,7 +24,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from probes.cli_args import ArgumentParser, UsageError, non_negative_float, positive_int, run_cli
+from probes.cli_args import (ArgumentParser, UsageError, add_placement_args, non_negative_float, placement,
+                             positive_int, run_cli)
 from probes.datasets import load_refusal_instructions
 from probes.files import atomic_file, atomic_write_json, prepare_run_folder, write_figure
 from probes.models import ModelHandle, load_model
@@ -348,11 +349,12 @@ def main(argv: list[str] | None = None) -> dict:
                              "many times the median dimension's (massive activations); 0 keeps the paper's plain "
                              "difference in means")
     parser.add_argument("--device", default=None)
+    add_placement_args(parser)
     parser.add_argument("--dtype", default=None)
     args = parser.parse_args(argv)
     if 0 < args.outlier_ratio <= 1:
         raise UsageError(f"--outlier-ratio must be above 1 (or 0 to keep every dimension), got {args.outlier_ratio}")
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    model = load_model(args.model, device=args.device, dtype=args.dtype, **placement(args))
     results = run(model, args.out, args.n_train, args.n_val, args.n_test, args.max_new_tokens, args.layer_step,
                   batch_size=args.batch_size, outlier_ratio=args.outlier_ratio, overwrite=args.overwrite)
     print(json.dumps({k: results[k] for k in ("direction", "refusal_score", "kl_harmless_ablation",

@@ -56,7 +56,8 @@ def token_activations(model: ModelHandle, texts: Sequence[str], layers: Sequence
                                 logits_to_keep=1).hidden_states
         keep = sae_positions(model, enc["input_ids"], enc["attention_mask"].bool())
         for layer in layers:
-            chunks[layer].append(hidden[layer][keep].float())
+            # each block's hidden states sit on its own device when the model is spread over devices
+            chunks[layer].append(hidden[layer][keep.to(hidden[layer].device)].float().to(model.device))
         total += int(keep.sum())
         if max_tokens is not None and total >= max_tokens:
             break

@@ -28,8 +28,8 @@ import torch
 from tqdm.auto import tqdm
 
 from probes.cache import extract, residual_hooks
-from probes.cli_args import (ArgumentParser, check_layers, layer_list, number_list, positive_int, proportion,
-                             run_cli)
+from probes.cli_args import (ArgumentParser, add_placement_args, check_layers, layer_list, number_list, placement,
+                             positive_int, proportion, run_cli)
 from probes.conflict import (USES_CONTEXT, USES_MEMORY, ConflictExample, conflict_prompts, exact_match,
                              generate_answers, group_by_behaviour)
 from probes.linear import LogisticProbe
@@ -98,17 +98,20 @@ def spare_edit(sae, latents: BehaviourLatents, target: Target, strength: float =
     ``strength``."""
     if target not in ("context", "memory"):
         raise ValueError(f"target must be 'context' or 'memory', got {target!r}")
+    # computed on the SAE's device, returned on the hidden state's (they differ on a model spread over devices)
+    where = sae.W_dec.device
     keep, drop = (latents.context, latents.memory) if target == "context" else (latents.memory, latents.context)
-    expected = (latents.mean_context if target == "context" else latents.mean_memory)[keep]
+    keep, drop = keep.to(where), drop.to(where)
+    expected = (latents.mean_context if target == "context" else latents.mean_memory).to(where)[keep]
     w_keep, w_drop = sae.W_dec[keep].detach().float(), sae.W_dec[drop].detach().float()
 
     @torch.no_grad()
     def edit(h: torch.Tensor) -> torch.Tensor:
-        z = sae.encode(h.to(sae.W_dec.dtype)).float()
+        z = sae.encode(h.to(where, sae.W_dec.dtype)).float()
         delta = (expected - z[:, keep]).clamp(min=0) @ w_keep
         if remove:
             delta = delta - z[:, drop] @ w_drop
-        return (strength * delta).to(h.dtype)
+        return (strength * delta).to(h.device, h.dtype)
     return edit
 
 
@@ -399,12 +402,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-new-tokens", type=positive_int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None)
+    add_placement_args(parser)
     parser.add_argument("--dtype", default=None)
     args = parser.parse_args(argv)
     layers, strengths = args.layers, args.strengths
     check_layers(layers, layer_count(args.model), args.model)
     sae_folders(args.model, layers, args.sae_dir, args.sae_release, args.sae_id)
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    model = load_model(args.model, device=args.device, dtype=args.dtype, **placement(args))
     saes = load_saes(model, layers, args.sae_dir, args.sae_release, args.sae_id)
     examples = conflict_examples(model, args.dataset, args.n, args.seed)
     results = run(model, examples, saes, args.out, proportion=args.proportion,

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from probes.cli_args import parse_layers
+from probes.cli_args import add_placement_args, parse_layers, placement
 from probes.cli_args import (ArgumentParser, UsageError, check_layers, non_negative_float, positive_float,
                              positive_int, run_cli)
 from probes.models import layer_count, load_model
@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--heldout-texts", type=positive_int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None)
+    add_placement_args(parser)
     parser.add_argument("--out", type=Path, default=None, help="default: data/sae/<model>")
     args = parser.parse_args(argv)
     layers = parse_layers(args.layers)
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.architecture == "topk" and args.k > args.d_sae:
         raise UsageError(f"--k {args.k} is more than --d-sae {args.d_sae} latents; choose k <= d_sae")
     start = time.perf_counter()
-    model = load_model(args.model, device=args.device)
+    model = load_model(args.model, device=args.device, **placement(args))
     out = args.out or SAE_DIR / model.name.replace("/", "--")
     texts = corpus(model, seed=args.seed)
     heldout, train = texts[:args.heldout_texts], texts[args.heldout_texts:]
