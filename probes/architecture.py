@@ -12,6 +12,9 @@ attention output passes a post-norm first. Mixture-of-experts blocks keep their 
 (transformers' ``experts.down_proj`` [E, d_model, inter], or [E, inter, d_model] with ``is_transposed``), plus
 optional shared experts.
 
+Checkpoints on disk get the same layout without loading a weight (:func:`meta_architecture`,
+:func:`stored_writers`), for editing them shard by shard.
+
 An architecture whose layout cannot be read this way gets an :class:`UnsupportedArchitecture` error that names it
 and says what is missing.
 """
@@ -19,11 +22,14 @@ and says what is missing.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Callable
 
 import torch
 
 from transformers.pytorch_utils import Conv1D
+
+from probes.errors import WorkbenchError
 
 
 class UnsupportedArchitecture(ValueError):
@@ -258,3 +264,110 @@ def on_residual(block: torch.nn.Module, kind: str, fn: Rewrite) -> torch.utils.h
             return None
         return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
     return block.register_forward_pre_hook(pre, with_kwargs=True)
+
+
+# ------------------------------------------------------------------------------------------ checkpoints on disk
+# A checkpoint too large for memory is edited one safetensors file at a time: its layout is read from a
+# model built on the meta device (no weights), and its keys are mapped to that model's parameters the way
+# ``from_pretrained`` maps them (transformers' conversion mapping: renamed keys, per-expert tensors that load into
+# fused experts).
+
+
+@dataclass(frozen=True)
+class StoredWriter:
+    """A checkpoint tensor that writes to the residual stream: the model parameter it loads into, its d_model
+    ``axis`` as stored, and the checkpoint key and offset of the post-norm gain in front of it (``gain_key`` None: no
+    post-norm, or one without a weight)."""
+
+    key: str
+    param: str
+    axis: int
+    gain_key: str | None = None
+    gain_offset: float = 0.0
+
+
+def meta_architecture(config) -> tuple[Architecture, torch.nn.Module]:
+    """The layout of the model ``config`` describes, and that model built on the meta device (no memory).
+
+    The adapter is the one the bridge would choose; it is read without booting a bridge, which cannot be built on
+    meta weights for every family (GPT-2's fused QKV is split at boot)."""
+    from transformer_lens.factories.architecture_adapter_factory import ArchitectureAdapterFactory
+    from transformer_lens.model_bridge.sources import build_bridge_config_from_hf
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    name = type(model).__name__
+    try:
+        bridge_config = build_bridge_config_from_hf(config, name, name, torch.float32)
+        adapter = ArchitectureAdapterFactory.select_architecture_adapter(bridge_config)
+    except (ValueError, KeyError, NotImplementedError) as err:
+        raise _unsupported(name, f"TransformerLens has no adapter for it ({err})") from err
+    bridge = SimpleNamespace(adapter=adapter, cfg=adapter.cfg)  # all architecture() reads of a bridge
+    return architecture(bridge, model, config.get_text_config().hidden_size), model
+
+
+def _stored_axis(axis: int, operations, key: str, arch: str) -> int:
+    """The d_model axis of a checkpoint tensor that ``operations`` (transformers' conversion ops, applied in order
+    when loading) turn into a parameter whose d_model axis is ``axis``."""
+    from transformers.core_model_loading import Concatenate, MergeModulelist, Transpose
+
+    for op in reversed(operations):
+        if isinstance(op, MergeModulelist) and op.dim != axis:  # one of the tensors stacked along op.dim
+            axis -= axis > op.dim
+        elif isinstance(op, Concatenate) and op.dim != axis:  # one of the blocks joined along another axis
+            continue
+        elif isinstance(op, Transpose) and not op.check_dims:
+            axis = {op.dim0: op.dim1, op.dim1: op.dim0}.get(axis, axis)
+        else:
+            raise _unsupported(arch, f"checkpoint tensor {key} is loaded through {type(op).__name__}, whose d_model "
+                                     "axis the workbench cannot trace")
+    return axis
+
+
+def _checkpoint_keys(model: torch.nn.Module, keys) -> dict[str, list[tuple[str, list]]]:
+    """Parameter name -> the checkpoint keys that load into it, each with the conversion ops applied on the way."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    operations = {p: c.operations for c in converters for p in c.source_patterns}
+    meta_state = model.state_dict()
+    out: dict[str, list[tuple[str, list]]] = {}
+    for key in keys:
+        name, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, meta_state)
+        if name not in meta_state and key in meta_state:  # as from_pretrained: renamed away from a real name
+            name, pattern = key, None
+        out.setdefault(name, []).append((key, operations.get(pattern, [])))
+    return out
+
+
+def stored_writers(arch: Architecture, model: torch.nn.Module, shapes: dict[str, tuple[int, ...]]
+                   ) -> list[StoredWriter]:
+    """The tensors of a checkpoint (``shapes``: key -> shape, read from the safetensors headers) that write to the
+    residual stream of ``model`` (built by :func:`meta_architecture`), with their stored d_model axis."""
+    d_model = model.config.get_text_config().hidden_size
+    stored = _checkpoint_keys(model, shapes)
+    names = {id(p): n for n, p in model.named_parameters()}
+    out = []
+    for writer in arch.writers:
+        gain_key, offset = None, 0.0
+        if writer.post_norm is not None and writer.post_norm.weight is not None:
+            sources = stored.get(names[id(writer.post_norm.weight)], [])
+            if len(sources) != 1 or sources[0][1]:
+                raise _unsupported(arch.name, f"the checkpoint has no single tensor for the post-norm gain "
+                                              f"{names[id(writer.post_norm.weight)]}")
+            gain_key, offset = sources[0][0], writer.post_norm.offset
+        for weight in writer.weights:
+            if weight.name not in stored:
+                raise WorkbenchError(f"the checkpoint has no tensor for {weight.name}, which writes to the residual "
+                                     "stream: is a shard missing or the config of another model?")
+            for key, operations in stored[weight.name]:
+                axis = _stored_axis(weight.axis, operations, key, arch.name)
+                if axis >= len(shapes[key]) or shapes[key][axis] != d_model:
+                    raise _unsupported(arch.name, f"checkpoint tensor {key} has shape {tuple(shapes[key])}, with no "
+                                                  f"d_model={d_model} axis where {weight.name} has it")
+                out.append(StoredWriter(key, weight.name, axis, gain_key, offset))
+    return out

@@ -18,14 +18,22 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from tqdm.auto import tqdm
+from transformers import AutoConfig
 
+from probes.architecture import StoredWriter, meta_architecture, stored_writers
+from probes.cli_args import ArgumentParser, run_cli
 from probes.devices import is_offloaded
+from probes.errors import WorkbenchError
 from probes.files import atomic_folder
 from probes.models import ModelHandle
+from probes.readers import CorruptFileError, load_safetensors, read_json
 from steering.hooks import unit_direction
 
 
@@ -49,10 +57,23 @@ def _untie_embeddings(model: ModelHandle) -> bool:
     return True
 
 
-def _project_out_along(param: torch.Tensor, axis: int, u: torch.Tensor) -> None:
-    """In place: remove from ``param`` the component along unit ``u`` of its ``axis`` (the d_model axis)."""
-    view = param.data.movedim(axis, -1)
+def orthogonalize_tensor(weight: torch.Tensor, axis: int, r: torch.Tensor, gain: torch.Tensor | None = None
+                         ) -> torch.Tensor:
+    """``weight`` with no component along unit ``r`` on its d_model ``axis``; behind a post-norm of gain ``gain``,
+    along ``normalize(gain * r)`` instead (see the module docstring).
+
+    The one edit of both :func:`orthogonalize` and :func:`orthogonalize_checkpoint`: arithmetic in float32 (float64
+    for float64 weights), result in ``weight``'s dtype. A float32 or float64 ``weight`` is edited in place; use the
+    returned tensor either way.
+    """
+    dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    u = r.to(device=weight.device, dtype=dtype)
+    if gain is not None:
+        u = torch.nn.functional.normalize((gain.to(u) * u).double(), dim=0).to(dtype)
+    work = weight.to(dtype)
+    view = work.movedim(axis, -1)
     view.sub_((view @ u).unsqueeze(-1) * u)
+    return work.to(weight.dtype)
 
 
 @torch.no_grad()
@@ -75,9 +96,8 @@ def orthogonalize(model: ModelHandle, direction: torch.Tensor) -> ModelHandle:
     edited = 0
     for writer in arch.writers:
         gain = writer.post_norm.gain() if writer.post_norm is not None else None
-        u = r if gain is None else torch.nn.functional.normalize((gain.to(r) * r).double(), dim=0).to(r)
         for weight in writer.weights:
-            _project_out_along(weight.param, weight.axis, u.to(device=weight.param.device, dtype=weight.param.dtype))
+            weight.param.data.copy_(orthogonalize_tensor(weight.param.data, weight.axis, r, gain))
             edited += 1
     model.extra["orthogonalized"] = {"exact": arch.exact_orthogonalization, "tensors_edited": edited,
                                      "post_norm": arch.post_norm}
@@ -99,13 +119,28 @@ interpretability workbench.
 
 - {exactness}
 
-- direction: difference in means at layer {layer}, position {position} (`direction.safetensors`, unit norm;
+- direction: {origin} (`direction.safetensors`, unit norm;
   `direction.json` has the metadata)
 - input and output embeddings untied: {untied} (the unembedding keeps the original weights)
 - load with `transformers.AutoModelForCausalLM.from_pretrained(path)`; no custom code
 
 {notes}
 """
+
+
+def _write_provenance(folder: Path, r: torch.Tensor, meta: dict, origin: str, notes: str) -> None:
+    """The direction (``direction.safetensors``), its metadata (``direction.json``: ``meta``) and the model card of
+    an orthogonalized checkpoint; ``origin`` says where the direction comes from."""
+    exact = meta["orthogonalization"]["exact"]
+    exactness = ("the edit equals ablating the direction with hooks at inference (pre-norm blocks)" if exact
+                 else "post-norm blocks: each output projection is orthogonalized against the direction as its "
+                      "post-norm sees it (normalize(g * r)), so the residual stream is exactly orthogonal to the "
+                      "direction but the logits differ slightly from the hook ablation (see the KL in the notes)")
+    save_file({"direction": r.float().cpu().contiguous()}, str(folder / "direction.safetensors"))
+    (folder / "direction.json").write_text(json.dumps(meta, indent=2))
+    (folder / "README.md").write_text(MODEL_CARD.format(
+        base=meta["base_model"], source=meta["source_model"], origin=origin, untied=meta["untied_embeddings"],
+        tensors=meta["orthogonalization"]["tensors_edited"], exactness=exactness, notes=notes))
 
 
 def save_checkpoint(model: ModelHandle, path: str | os.PathLike, direction: torch.Tensor, layer: int,
@@ -123,21 +158,229 @@ def save_checkpoint(model: ModelHandle, path: str | os.PathLike, direction: torc
     if not 0 <= int(layer) < model.n_layers:
         raise ValueError(f"layer must be in 0..{model.n_layers - 1}, got {layer}")
     source_model = source_model or (model.name if model.name == model.source else f"{model.name} ({model.source})")
-    exactness = ("the edit equals ablating the direction with hooks at inference (pre-norm blocks)" if edit["exact"]
-                 else "post-norm blocks: each output projection is orthogonalized against the direction as its "
-                      "post-norm sees it (normalize(g * r)), so the residual stream is exactly orthogonal to the "
-                      "direction but the logits differ slightly from the hook ablation (see the KL in the notes)")
     with atomic_folder(path, overwrite) as tmp:
         model.hf_model.save_pretrained(tmp)
         model.tokenizer.save_pretrained(tmp)
-        save_file({"direction": unit_direction(model, direction).float().cpu().contiguous()},
-                  str(tmp / "direction.safetensors"))
         meta = {"source_model": source_model, "base_model": model.source, "layer": int(layer),
                 "position": int(position), "untied_embeddings": not model.hf_model.config.tie_word_embeddings,
                 "orthogonalization": edit}
-        (tmp / "direction.json").write_text(json.dumps(meta, indent=2))
-        (tmp / "README.md").write_text(MODEL_CARD.format(base=model.source, source=source_model, layer=layer,
-                                                         position=position, untied=meta["untied_embeddings"],
-                                                         tensors=edit["tensors_edited"], exactness=exactness,
-                                                         notes=notes))
+        _write_provenance(tmp, unit_direction(model, direction), meta,
+                          f"difference in means at layer {layer}, position {position}", notes)
     return Path(path)
+
+
+# ---------------------------------------------------------------------------------------- checkpoints on disk
+INDEX = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+# Weights in other formats are not copied into the edited checkpoint: they would carry the unedited weights.
+OTHER_WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
+WRITTEN_HERE = {INDEX, "README.md", "direction.safetensors", "direction.json"}
+DIRECTION_REMEDY = "pass a direction saved by the workbench, e.g. OUT/checkpoint/direction.safetensors"
+
+
+def load_direction(path: str | os.PathLike) -> tuple[torch.Tensor, dict]:
+    """A direction saved by the workbench and what the JSON file beside it says (layer, position, source model; {}
+    when there is none): the ``direction.safetensors`` of :func:`save_checkpoint` and of ``python -m
+    steering.refusal`` (tensor ``direction``), or any safetensors file holding a single vector."""
+    path = Path(path)
+    tensors = load_safetensors(path, DIRECTION_REMEDY)
+    vector = tensors.get("direction", next(iter(tensors.values())) if len(tensors) == 1 else None)
+    if vector is None or vector.dim() != 1:
+        shown = ", ".join(f"{key} {list(t.shape)}" for key, t in tensors.items()) or "no tensor"
+        raise WorkbenchError(f"{path} holds {shown}, not one direction: expected a tensor named 'direction' or a "
+                             f"single vector [d_model]; {DIRECTION_REMEDY}")
+    meta_path = path.with_suffix(".json")
+    meta = read_json(meta_path, "delete it or fix it") if meta_path.is_file() else {}
+    return vector, meta if isinstance(meta, dict) else {}
+
+
+def _unit(vector: torch.Tensor, d_model: int, where: str) -> torch.Tensor:
+    """``vector`` scaled to unit norm in float64, after checking its width against the checkpoint's d_model."""
+    if vector.dim() != 1 or vector.numel() != d_model:
+        raise WorkbenchError(f"the direction {where} has shape {list(vector.shape)}, but the checkpoint's d_model is "
+                             f"{d_model}: it was computed on another model")
+    vector = vector.double()
+    norm = vector.norm()
+    if not torch.isfinite(norm) or norm == 0:
+        raise WorkbenchError(f"the direction {where} has zero or non-finite norm")
+    return vector / norm
+
+
+def checkpoint_files(checkpoint: Path) -> tuple[list[str], dict | None]:
+    """The safetensors files of a Hugging Face checkpoint folder, and its index (None for a single file)."""
+    if not checkpoint.is_dir():
+        raise WorkbenchError(f"{checkpoint} is not a folder; pass a Hugging Face checkpoint folder (config.json and "
+                             "model*.safetensors)")
+    if not (checkpoint / "config.json").is_file():
+        raise FileNotFoundError(f"{checkpoint / 'config.json'} is missing: {checkpoint} is not a Hugging Face "
+                                "checkpoint folder")
+    if (checkpoint / INDEX).is_file():
+        index = read_json(checkpoint / INDEX, "download the checkpoint again")
+        if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+            raise WorkbenchError(f"{checkpoint / INDEX} has no weight_map; download the checkpoint again")
+        names = sorted(set(index["weight_map"].values()))
+        for name in names:
+            if not (checkpoint / name).is_file():
+                raise FileNotFoundError(f"shard {checkpoint / name} is missing (listed in {checkpoint / INDEX}); "
+                                        "download the checkpoint again")
+        return names, index
+    if (checkpoint / SINGLE_FILE).is_file():
+        return [SINGLE_FILE], None
+    others = sorted(p.name for p in checkpoint.iterdir() if p.suffix in OTHER_WEIGHTS)
+    raise FileNotFoundError(f"{checkpoint} has no {SINGLE_FILE} or {INDEX}" + (f" (only {', '.join(others)})"
+                            if others else "") + ": only safetensors checkpoints can be edited on disk")
+
+
+def _shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of every tensor of a safetensors file, from its header (no tensor is read)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    except SafetensorError as err:
+        raise CorruptFileError(path, "download the checkpoint again", err) from err
+
+
+def _read_tensor(path: Path, key: str) -> torch.Tensor:
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor(key)
+
+
+def _untied_head(model: torch.nn.Module, writers: list[StoredWriter], shard_of: dict[str, str]
+                 ) -> dict[str, str]:
+    """{embedding key: unembedding key} when the unembedding shares the token embedding's weights and the
+    checkpoint stores them once: the unembedding is then written separately with the original weights, as
+    :func:`orthogonalize` unties them. Empty otherwise."""
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is None or head.weight is not embed.weight:
+        return {}
+    head_key = next(f"{name}.weight" for name, module in model.named_modules() if module is head)
+    embed_name = next(f"{name}.weight" for name, module in model.named_modules() if module is embed)
+    embed_keys = [w.key for w in writers if w.param == embed_name]
+    return {} if head_key in shard_of or len(embed_keys) != 1 else {embed_keys[0]: head_key}
+
+
+def _edit_shard(src: Path, dst: Path, plan: dict[str, StoredWriter], r: torch.Tensor,
+                gains: dict[str, torch.Tensor], copies: dict[str, str]) -> int:
+    """Write ``src`` to ``dst`` with the tensors in ``plan`` orthogonalized, and each key of ``copies`` also saved,
+    unedited, under its value; the bytes added. One shard in memory at a time."""
+    with safe_open(str(src), framework="pt") as f:
+        metadata, tensors = f.metadata(), {}
+        for key in f.keys():
+            tensor = f.get_tensor(key)
+            if key in copies:
+                tensors[copies[key]] = tensor.clone()
+            if key in plan:
+                w = plan[key]
+                gain = None if w.gain_key is None else gains[w.gain_key] + w.gain_offset
+                # r rounded to the stored dtype, as the in-memory edit rounds it to the model's dtype
+                tensor = orthogonalize_tensor(tensor, w.axis, r.to(tensor.dtype), gain).contiguous()
+            tensors[key] = tensor
+    save_file(tensors, str(dst), metadata=metadata)
+    return sum(tensors[new].nbytes for key, new in copies.items() if key in tensors)
+
+
+def _write_config(checkpoint: Path, folder: Path, untie: bool) -> None:
+    """config.json as it is, with the embeddings marked untied when the unembedding was written separately."""
+    if not untie:
+        shutil.copy2(checkpoint / "config.json", folder / "config.json")
+        return
+    config = read_json(checkpoint / "config.json", "download the checkpoint again")
+    for cfg in (config, config.get("text_config")):
+        if isinstance(cfg, dict):
+            cfg["tie_word_embeddings"] = False
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _write_index(index: dict, folder: Path, shard_of: dict[str, str], copies: dict[str, str], added: int) -> None:
+    """The checkpoint's index, listing the unembedding written separately (in its embedding's shard)."""
+    index = json.loads(json.dumps(index))
+    index["weight_map"].update({new: shard_of[key] for key, new in copies.items()})
+    index["weight_map"] = dict(sorted(index["weight_map"].items()))
+    if "total_size" in index.get("metadata", {}):
+        index["metadata"]["total_size"] += added
+    (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _copy_other_files(checkpoint: Path, folder: Path, shards: list[str]) -> None:
+    """Config, generation config, tokenizer and any other top-level file, except weights in any format."""
+    for path in checkpoint.iterdir():
+        if (path.is_file() and path.name not in WRITTEN_HERE and path.name not in shards
+                and path.suffix not in OTHER_WEIGHTS and path.name != "config.json"):
+            shutil.copy2(path, folder / path.name)
+
+
+@torch.no_grad()
+def orthogonalize_checkpoint(checkpoint: str | os.PathLike, direction: str | os.PathLike | torch.Tensor,
+                             out: str | os.PathLike, overwrite: bool = False, source_model: str | None = None,
+                             notes: str = "", progress: bool = True) -> Path:
+    """Remove ``direction`` from a Hugging Face checkpoint folder on disk, one safetensors shard at a time, into the
+    new checkpoint folder ``out``: the same edit as :func:`orthogonalize` followed by :func:`save_checkpoint`, for
+    models that do not fit in memory.
+
+    ``direction`` is a tensor or a file (see :func:`load_direction`). Which tensors write to the residual stream is
+    read from a model built on the meta device (:func:`probes.architecture.meta_architecture`). Peak memory is about
+    one shard (its tensors, plus the pages of the file being read), never the whole model. ``out`` gets the edited
+    shards, the index, config, generation config and tokenizer files, the direction and a model card; it is
+    written atomically like :func:`save_checkpoint`. Weights in other formats (``.bin``, ``.pth``) are not copied.
+    """
+    checkpoint = Path(checkpoint)
+    shards, index = checkpoint_files(checkpoint)
+    headers = {name: _shapes(checkpoint / name) for name in shards}
+    shard_of = {key: name for name, header in headers.items() for key in header}
+    shapes = {key: shape for header in headers.values() for key, shape in header.items()}
+    config = AutoConfig.from_pretrained(checkpoint)
+    arch, model = meta_architecture(config)
+    d_model = config.get_text_config().hidden_size
+    if isinstance(direction, torch.Tensor):
+        r, origin = _unit(direction, d_model, "given"), {}
+    else:
+        vector, origin = load_direction(direction)
+        r = _unit(vector, d_model, f"in {direction}")
+    writers = stored_writers(arch, model, shapes)
+    plan = {w.key: w for w in writers}
+    gains = {w.gain_key: _read_tensor(checkpoint / shard_of[w.gain_key], w.gain_key)
+             for w in writers if w.gain_key is not None}
+    copies = _untied_head(model, writers, shard_of)
+    added = 0
+    with atomic_folder(out, overwrite) as tmp:
+        _copy_other_files(checkpoint, tmp, shards)
+        for name in tqdm(shards, desc="orthogonalizing shards", disable=not progress):
+            added += _edit_shard(checkpoint / name, tmp / name, plan, r, gains,
+                                 {k: v for k, v in copies.items() if shard_of[k] == name})
+        if index is not None:
+            _write_index(index, tmp, shard_of, copies, added)
+        _write_config(checkpoint, tmp, bool(copies))
+        layer, position = origin.get("layer"), origin.get("position")
+        meta = {"source_model": source_model or str(checkpoint), "base_model": str(checkpoint), "layer": layer,
+                "position": position, "direction_file": None if isinstance(direction, torch.Tensor) else str(direction),
+                "untied_embeddings": bool(copies) or not config.get_text_config().tie_word_embeddings,
+                "orthogonalization": {"exact": arch.exact_orthogonalization,
+                                      "tensors_edited": len({w.param for w in writers}), "post_norm": arch.post_norm,
+                                      "checkpoint_tensors_edited": len(writers), "shard_by_shard": True}}
+        where = (f"difference in means at layer {layer}, position {position}" if layer is not None
+                 else f"`{Path(direction).name}`" if meta["direction_file"] else "given as a tensor")
+        _write_provenance(tmp, r, meta, where, f"Edited on disk, shard by shard ({len(shards)} safetensors "
+                                               f"files), from `{checkpoint}` by `python -m steering.orthogonalize`."
+                                               + (f"\n\n{notes}" if notes else ""))
+    return Path(out)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = ArgumentParser("Remove a direction from a Hugging Face checkpoint on disk, one safetensors shard at a "
+                            "time (peak memory about one shard), into a new checkpoint folder.")
+    parser.add_argument("--checkpoint", type=Path, required=True, help="Hugging Face checkpoint folder")
+    parser.add_argument("--direction", type=Path, required=True,
+                        help="direction.safetensors written by the workbench, or a safetensors file with one vector")
+    parser.add_argument("--out", type=Path, required=True, help="new checkpoint folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--source-model", default=None, help="model name for the card (default: the folder)")
+    args = parser.parse_args(argv)
+    out = orthogonalize_checkpoint(args.checkpoint, args.direction, args.out, overwrite=args.overwrite,
+                                   source_model=args.source_model)
+    meta = json.loads((out / "direction.json").read_text())
+    print(json.dumps({"checkpoint": str(out), **meta["orthogonalization"]}, indent=2))
+    return meta
+
+
+if __name__ == "__main__":
+    run_cli(main)
