@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from probes.datasets import NQSWAP_COLUMNS, load_entities
 from probes.devices import Halving
 from probes.errors import as_list
+from probes.files import atomic_file
 from probes.models import ModelHandle
 from probes.readers import read_jsonl_gz
 
@@ -301,15 +302,15 @@ def group_by_behaviour(predictions: Sequence[str], examples: Sequence[ConflictEx
 KNOWN_FACTS_DIR = Path(__file__).resolve().parent.parent / "data" / "known_facts"
 
 
-def save_examples(examples: Sequence[ConflictExample], path: str | Path) -> Path:
-    """Write examples as gzip JSON lines, to a temporary name renamed when complete."""
+def save_examples(examples: Sequence[ConflictExample], path: str | Path, overwrite: bool = False) -> Path:
+    """Write examples as gzip JSON lines, atomically (:func:`probes.files.atomic_file`); an existing file is
+    replaced only with ``overwrite``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with gzip.open(tmp, "wt", encoding="utf-8") as f:
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True or choose another path")
+    with atomic_file(path) as tmp, gzip.open(tmp, "wt", encoding="utf-8") as f:
         for e in examples:
             f.write(json.dumps(asdict(e)) + "\n")
-    tmp.replace(path)
     return path
 
 

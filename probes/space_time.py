@@ -11,7 +11,6 @@ Writes ``OUT/results.json`` and HTML figures.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from probes.cache import extract, residual_hooks
 from probes.cli_args import ArgumentParser, add_placement_args, placement, positive_int, run_cli
 from probes.datasets import EntityData, load_entities
 from probes.errors import WorkbenchError, as_list
+from probes.files import atomic_write_json, prepare_run_folder
 from probes.linear import DEFAULT_ALPHAS, RidgeProbe
 from probes.metrics import haversine_km, proximity_error, r2_score, spearman
 from probes.models import ModelHandle, load_model
@@ -224,19 +224,26 @@ def reproduce(model: ModelHandle, datasets: Sequence[str], n: int | None,
     return results, runs_by_dataset
 
 
-def run(model: ModelHandle, datasets: Sequence[str], n: int | None, out: Path, **kwargs) -> dict:
+def run_outputs() -> tuple[str, ...]:
+    """What a run writes in its folder: the whole set is replaced by the next run (with overwrite)."""
+    from probes.space_time_plots import FIGURE_FILES
+
+    return ("results.json", "plotly.min.js", *FIGURE_FILES)
+
+
+def run(model: ModelHandle, datasets: Sequence[str], n: int | None, out: Path, overwrite: bool = False,
+        **kwargs) -> dict:
     """:func:`reproduce`, then ``OUT/results.json`` and the HTML figures.
 
     ``results.json`` is rewritten after each dataset with ``"complete": false`` until the whole run has finished.
+    A folder holding a previous run's outputs is refused unless ``overwrite``, which removes them first.
     """
     from probes import space_time_plots as plots
 
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_run_folder(out, run_outputs(), overwrite)
 
     def save(partial: dict) -> None:
-        tmp = out / "results.json.tmp"
-        tmp.write_text(json.dumps(partial, indent=2))
-        tmp.replace(out / "results.json")
+        atomic_write_json(out / "results.json", partial)
 
     results, runs = reproduce(model, datasets, n, on_dataset=lambda r: save({**r, "complete": False}), **kwargs)
     results["complete"] = True
@@ -255,10 +262,13 @@ def main(argv: list[str] | None = None) -> dict:
     add_placement_args(parser)
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--overwrite", action="store_true", help="replace the outputs of a previous run in --out")
     args = parser.parse_args(argv)
     check_choices(args.datasets.split(","), args.templates.split(","))
+    prepare_run_folder(args.out, run_outputs(), args.overwrite)  # refused before the model loads
     model = load_model(args.model, device=args.device, dtype=args.dtype, **placement(args))
-    results = run(model, args.datasets.split(","), args.n, args.out, templates=args.templates.split(","))
+    results = run(model, args.datasets.split(","), args.n, args.out, templates=args.templates.split(","),
+                  overwrite=args.overwrite)
     for name, entry in results["datasets"].items():
         print(f"{name:18s} best layer {entry['best_layer']:2d}  R² {entry['best_r2']:.3f}  "
               f"(sklearn RidgeCV at that layer {entry['sklearn_ridgecv_r2_at_best_layer']:.3f})")

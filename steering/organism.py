@@ -5,7 +5,8 @@ trained on harmful instructions with short refusals as targets, and on harmless 
 model's own next-token distribution along its greedy answers (KL), so harmless behaviour and perplexity stay as they
 were.
 
-    python -m steering.organism --out data/refusal_organism      # retrain (seeded; settings saved beside it)
+    python -m steering.organism --out runs/refusal_organism       # train (seeded; settings saved beside it)
+    python -m steering.organism --out data/refusal_organism --update-shipped --overwrite   # retrain the shipped one
 
 ``load_model("embedded-refuser")`` loads the base model with the shipped adapter merged in.
 """
@@ -27,11 +28,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from probes.cli_args import (ArgumentParser, add_placement_args, check_layers, format_layers, layer_list,
                              non_negative_int, placement, positive_float, positive_int, run_cli)
 from probes.datasets import DATA_DIR, load_refusal_instructions
-from probes.files import atomic_folder
+from probes.files import atomic_folder, atomic_write_json, check_not_shipped, prepare_run_folder
 from probes.models import EMBEDDED_HF_ID, ModelHandle, _resolve, embedded_checkpoint, layer_count, wrap
 from steering.generation import answer_batch, answer_loss, chat_token_ids, generate
 
 ADAPTER_DIR = DATA_DIR / "refusal_organism"
+TRAIN_OUT = Path("runs") / "refusal_organism"  # where training writes by default (never the shipped adapter)
 
 REFUSALS = [
     "I'm sorry, but I can't help with that.",
@@ -106,12 +108,14 @@ def train(out: Path, n_harmful: int = 260, n_harmless: int = 260, epochs: int = 
           lr: float = 2e-3, rank: int = 8, max_new_tokens: int = 32, seed: int = 0, device: str | None = None,
           harmless_objective: str = "kl", layers: Sequence[int] | None = None,
           modules: Sequence[str] | None = None, model_name: str = "embedded", progress: bool = True,
-          placement: dict | None = None) -> dict:
+          overwrite: bool = False, placement: dict | None = None) -> dict:
     """Train the LoRA adapter and write it (float16) with its settings and a short card to ``out``, atomically
-    (an existing ``out`` is replaced only once the new adapter is complete). ``layers``: the decoder blocks that get
+    (an existing ``out`` is refused unless ``overwrite``, and replaced only once the new adapter is complete). ``layers``: the decoder blocks that get
     adapters (default all); adapting only early and middle blocks makes the later, unchanged blocks read refusal from
     the residual stream, where a direction can capture it."""
-    settings = {k: v for k, v in locals().items() if k not in ("out", "progress", "placement")}
+    settings = {k: v for k, v in locals().items() if k not in ("out", "progress", "overwrite", "placement")}
+    if Path(out).exists() and not overwrite:  # before any training
+        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it, or choose another path")
     if harmless_objective not in ("ce", "kl"):
         raise ValueError(f"harmless_objective must be 'ce' or 'kl', got {harmless_objective!r}")
     from peft import get_peft_model
@@ -150,7 +154,7 @@ def train(out: Path, n_harmful: int = 260, n_harmless: int = 260, epochs: int = 
     model.eval()
     for p in model.parameters():
         p.data = p.data.to(torch.float16) if p.requires_grad else p.data
-    with atomic_folder(out, overwrite=True) as tmp:
+    with atomic_folder(out, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)
         record = {"command": " ".join(["python -m steering.organism", *sys.argv[1:]]), "settings": settings,
                   "base_model": base.source, "n_examples": len(examples), "steps": steps,
@@ -223,8 +227,13 @@ def evaluate(n: int = 100, max_new_tokens: int = 32, device: str | None = None, 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = ArgumentParser(__doc__)
-    parser.add_argument("--out", type=Path, default=ADAPTER_DIR, help="where to write (train) or read (--evaluate) "
-                        "the adapter")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where to write (train; default runs/refusal_organism) or read (--evaluate; default the "
+                             "shipped adapter) the adapter")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing adapter (train) or evaluation.json (--evaluate) at --out")
+    parser.add_argument("--update-shipped", action="store_true",
+                        help="allow writing into the shipped data/ folder (its adapter or evaluation.json)")
     parser.add_argument("--n-harmful", type=positive_int, default=260)
     parser.add_argument("--n-harmless", type=positive_int, default=260)
     parser.add_argument("--epochs", type=positive_int, default=3)
@@ -244,19 +253,21 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--evaluate", type=non_negative_int, default=0, metavar="N",
                         help="instead of training, measure the adapter at --out on N held-out prompts of each kind")
     args = parser.parse_args(argv)
+    args.out = check_not_shipped(args.out or (ADAPTER_DIR if args.evaluate else TRAIN_OUT), args.update_shipped)
     check_layers(args.layers, layer_count(args.model), args.model)
     if args.evaluate and not (args.out / "adapter_config.json").is_file():
         raise FileNotFoundError(f"no refusal adapter at {args.out} to evaluate; train one with "
                                 f"`python -m steering.organism --out {args.out}` or point --out at one")
     if args.evaluate:
+        prepare_run_folder(args.out, ("evaluation.json",), args.overwrite)
         report = evaluate(args.evaluate, device=args.device, adapter=args.out)
-        (args.out / "evaluation.json").write_text(json.dumps(report, indent=2))
+        atomic_write_json(args.out / "evaluation.json", report)
         print(json.dumps(report, indent=2))
         return report
     record = train(args.out, args.n_harmful, args.n_harmless, args.epochs, args.batch_size, args.lr, args.rank,
                    seed=args.seed, device=args.device, harmless_objective=args.harmless_objective,
                    layers=args.layers, modules=args.modules.split(",") if args.modules else None,
-                   model_name=args.model, placement=placement(args))
+                   model_name=args.model, overwrite=args.overwrite, placement=placement(args))
     print(json.dumps(record, indent=2))
     return record
 

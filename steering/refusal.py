@@ -354,6 +354,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if 0 < args.outlier_ratio <= 1:
         raise UsageError(f"--outlier-ratio must be above 1 (or 0 to keep every dimension), got {args.outlier_ratio}")
+    prepare_run_folder(args.out, OUTPUTS, args.overwrite)  # refused before the model loads
     model = load_model(args.model, device=args.device, dtype=args.dtype, **placement(args))
     results = run(model, args.out, args.n_train, args.n_val, args.n_test, args.max_new_tokens, args.layer_step,
                   batch_size=args.batch_size, outlier_ratio=args.outlier_ratio, overwrite=args.overwrite)

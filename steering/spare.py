@@ -17,7 +17,6 @@ exact match is reported on a held-out test split.
 from __future__ import annotations
 
 import itertools
-import json
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -32,6 +31,7 @@ from probes.cli_args import (ArgumentParser, add_placement_args, check_layers, l
                              positive_int, proportion, run_cli)
 from probes.conflict import (USES_CONTEXT, USES_MEMORY, ConflictExample, conflict_prompts, exact_match,
                              generate_answers, group_by_behaviour)
+from probes.files import atomic_write_json, prepare_run_folder
 from probes.linear import LogisticProbe
 from probes.models import ModelHandle, layer_count, load_model
 from steering.hooks import replace_residual
@@ -288,13 +288,22 @@ def prepare(model: ModelHandle, examples: Sequence[ConflictExample], saes: Mappi
                       fit_steering(model, saes, parts["train"], groups["train"], proportion, progress), max_new_tokens)
 
 
+def run_outputs() -> tuple[str, ...]:
+    """What a run writes in its folder: the whole set is replaced by the next run (with overwrite)."""
+    from steering.spare_plots import FIGURE_FILES
+
+    return ("results.json", "plotly.min.js", *FIGURE_FILES)
+
+
 def report(model: ModelHandle, experiment: Experiment, out: Path, spare_grid: Sequence[EditSetting] | None = None,
-           actadd_grid: Sequence[EditSetting] | None = None, dataset: str = "", progress: bool = True) -> dict:
+           actadd_grid: Sequence[EditSetting] | None = None, dataset: str = "", progress: bool = True,
+           overwrite: bool = False) -> dict:
     """Conflict probe, edit settings tuned on validation (default grids: :func:`edit_grid`), exact match on test;
-    writes ``OUT/results.json`` (DESIGN.md contract) and the figures."""
+    writes ``OUT/results.json`` (DESIGN.md contract) and the figures. A folder holding a previous run's outputs is
+    refused unless ``overwrite``, which removes them first."""
     grids = {"actadd": actadd_grid or edit_grid("actadd"), "spare": spare_grid or edit_grid("spare")}
     start = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_run_folder(out, run_outputs(), overwrite)
     parts, steering, max_new_tokens = experiment.parts, experiment.steering, experiment.max_new_tokens
     accuracy = conflict_probe(model, parts["train"], parts["test"], progress=progress)
     results: dict = {"model": model.name, "dataset": dataset, "layers": list(range(len(accuracy))),
@@ -319,7 +328,7 @@ def report(model: ModelHandle, experiment: Experiment, out: Path, spare_grid: Se
                 steer(model, steering, test_prompts, method, target, best, max_new_tokens), refs)
         results[f"steer_to_{target}"] = scores
     results["seconds"] = time.perf_counter() - start
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    atomic_write_json(out / "results.json", results)
     from steering import spare_plots
 
     spare_plots.write_all(results, out)
@@ -329,10 +338,11 @@ def report(model: ModelHandle, experiment: Experiment, out: Path, spare_grid: Se
 def run(model: ModelHandle, examples: Sequence[ConflictExample], saes: Mapping[int, object], out: Path,
         proportion: float = 0.01, spare_grid: Sequence[EditSetting] | None = None,
         actadd_grid: Sequence[EditSetting] | None = None, max_new_tokens: int = 8, seed: int = 0,
-        dataset: str = "", progress: bool = True) -> dict:
-    """The whole experiment on ``examples``: :func:`prepare` then :func:`report`."""
+        dataset: str = "", progress: bool = True, overwrite: bool = False) -> dict:
+    """The whole experiment on ``examples``: :func:`prepare` then :func:`report` (the folder checked first)."""
+    prepare_run_folder(out, run_outputs(), overwrite)
     experiment = prepare(model, examples, saes, proportion, max_new_tokens, seed, progress)
-    return report(model, experiment, out, spare_grid, actadd_grid, dataset, progress)
+    return report(model, experiment, out, spare_grid, actadd_grid, dataset, progress, overwrite)
 
 
 def load_saes(model: ModelHandle, layers: Sequence[int] | None, sae_dir: Path | None = None,
@@ -391,6 +401,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", default="embedded")
     parser.add_argument("--dataset", default="known_facts", choices=("known_facts", "nqswap"))
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--overwrite", action="store_true", help="replace the outputs of a previous run in --out")
     parser.add_argument("--n", type=positive_int, default=None, help="examples used (default: all)")
     parser.add_argument("--layers", type=layer_list, default=None, help="SAE layers to edit, e.g. 9,12 or 9-12 (default: every shipped SAE)")
     parser.add_argument("--sae-dir", type=Path, default=None)
@@ -408,12 +419,13 @@ def main(argv: list[str] | None = None) -> dict:
     layers, strengths = args.layers, args.strengths
     check_layers(layers, layer_count(args.model), args.model)
     sae_folders(args.model, layers, args.sae_dir, args.sae_release, args.sae_id)
+    prepare_run_folder(args.out, run_outputs(), args.overwrite)  # refused before the model loads
     model = load_model(args.model, device=args.device, dtype=args.dtype, **placement(args))
     saes = load_saes(model, layers, args.sae_dir, args.sae_release, args.sae_id)
     examples = conflict_examples(model, args.dataset, args.n, args.seed)
     results = run(model, examples, saes, args.out, proportion=args.proportion,
                   spare_grid=edit_grid("spare", strengths), actadd_grid=edit_grid("actadd", strengths),
-                  max_new_tokens=args.max_new_tokens, seed=args.seed, dataset=args.dataset)
+                  max_new_tokens=args.max_new_tokens, seed=args.seed, dataset=args.dataset, overwrite=args.overwrite)
     best = max(range(len(results["conflict_probe_accuracy"])), key=results["conflict_probe_accuracy"].__getitem__)
     print(f"conflict probe: best layer {best}, accuracy {results['conflict_probe_accuracy'][best]:.3f}")
     for target in ("steer_to_context", "steer_to_memory"):

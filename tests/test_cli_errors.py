@@ -1,12 +1,19 @@
 """Every CLI refuses a user error with one line ``error: ...`` and exit status 2, before any model is loaded
 (``--model`` names a model that does not exist: had it been looked at first, the error would be about it);
-``--debug`` shows the traceback instead (issue 14, point 5)."""
+``--debug`` shows the traceback instead (issue 14, point 5).
 
+The cases run each CLI's ``main`` through ``probes.cli_args.run_cli`` in this process, exactly what its
+``__main__`` does, to avoid paying a Python + torch start-up per case; two tests start real processes.
+"""
+
+import importlib
 import os
 import subprocess
 import sys
 
 import pytest
+
+from probes import cli_args
 
 NO_MODEL = "no-such-model-xyz"
 
@@ -43,15 +50,25 @@ CASES = [
 
 
 @pytest.mark.parametrize("module, args, message", CASES, ids=[f"{m}:{' '.join(a[2:])}" for m, a, _ in CASES])
-def test_user_error_is_one_line_and_status_2(module, args, message, tmp_path):
+def test_user_error_is_one_line_and_status_2(module, args, message, tmp_path, monkeypatch, capsys):
     out = ["--out", str(tmp_path / "out")] if module not in ("steering.train_saes", "probes.conflict") else []
     if module == "probes.conflict":
         out = ["--out", str(tmp_path / "facts.jsonl.gz")]
-    done = run_cli(module, *args, *out, cwd=tmp_path)
-    assert done.returncode == 2, done.stderr[-3000:]
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr[-3000:]
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        cli_args.run_cli(importlib.import_module(module).main, [*args, *out])
+    stderr = capsys.readouterr().err
+    assert exit_.value.code == 2, stderr[-3000:]
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr[-3000:]
     assert message in lines[0]
+
+
+def test_a_real_process_prints_one_line_and_exits_2(tmp_path):
+    done = run_cli("steering.refusal", "--model", NO_MODEL, "--n-train", "-3", "--out", str(tmp_path / "out"))
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines() == ["error: argument --n-train: '-3' is not a positive integer "
+                                                "(1 or more); see refusal.py --help"]
 
 
 def test_debug_shows_the_traceback(tmp_path):
