@@ -48,6 +48,9 @@ def setup(device: str | torch.device | None = None) -> torch.device:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         device = torch.device("cuda", local_rank if device.index is None else device.index)
+        if device.index >= torch.cuda.device_count():
+            raise ValueError(f"{device} does not exist: this machine has {torch.cuda.device_count()} GPU(s); start "
+                             "at most that many processes per node (--nproc-per-node) or pass --device cpu")
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
