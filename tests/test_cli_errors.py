@@ -75,3 +75,13 @@ def test_debug_shows_the_traceback(tmp_path):
     done = run_cli("steering.refusal", "--model", NO_MODEL, "--out", str(tmp_path / "out"), "--debug")
     assert done.returncode not in (0, 2)
     assert "Traceback" in done.stderr and "ModelLoadError" in done.stderr
+
+
+def test_torchrun_refuses_a_device_map(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2"), monkeypatch.setenv("RANK", "1"), monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(SystemExit) as exit_:
+        cli_args.run_cli(importlib.import_module("probes.extract").main,
+                         ["--model", NO_MODEL, "--dataset", "world_place", "--device-map", "auto",
+                          "--out", str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    assert "torchrun gives each process its own device" in capsys.readouterr().err
