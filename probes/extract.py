@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     prompts, spans, positions = _inputs(args)
     if distributed.launched() and any(placement(args).values()):
         raise WorkbenchError("--device-map/--max-memory/--offload-folder spread one model over the devices, torchrun "
-                         "gives each process its own device: use one or the other")
+                             "gives each process its own device: use one or the other")
     if os.environ.get("RANK", "0") == "0":  # one process prepares the folder, before any model is loaded
         prepare_run_folder(args.out, OUTPUTS, args.overwrite)
     model = load_model(args.model, device=distributed.setup(args.device) if distributed.launched() else args.device,
