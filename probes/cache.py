@@ -20,7 +20,6 @@ from typing import Iterator, Sequence
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
 from probes import positions as pos
 from probes.architecture import on_residual
@@ -28,6 +27,7 @@ from probes.devices import Halving, free_cuda_bytes, model_devices
 from probes.errors import WorkbenchError, as_list
 from probes.files import atomic_file, atomic_folder
 from probes.models import ModelHandle, default_device
+from probes.progress import progress_bar
 from probes.readers import check_safetensors, read_json
 from probes.provenance import weights_fingerprint
 
@@ -406,8 +406,8 @@ def _run(model: ModelHandle, plan: _Plan, sink, padding_side: str, progress: boo
         else:
             _add_bridge_hooks(stack, model, plan.hooks, store)
             forward = model.bridge.original_model
-        bar = stack.enter_context(tqdm(total=sum(map(len, plan.batches)), desc=desc, unit="prompt",
-                                       disable=not progress))
+        bar = stack.enter_context(progress_bar(total=sum(map(len, plan.batches)), desc=desc, unit="prompt",
+                                               progress=progress))
 
         def run_batch(batch: list[int]) -> None:
             ids, mask = _pad(model, [plan.input_ids[i] for i in batch], padding_side, device)

@@ -19,13 +19,13 @@ from typing import Callable, Literal, Mapping, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from probes.datasets import NQSWAP_COLUMNS, load_entities
 from probes.devices import Halving
 from probes.errors import as_list
 from probes.files import atomic_file
 from probes.models import ModelHandle
+from probes.progress import progress_bar
 from probes.readers import read_jsonl_gz
 
 USES_CONTEXT, USES_MEMORY, NEITHER = "context", "memory", "neither"
@@ -251,7 +251,7 @@ def generate_answers(model: ModelHandle, prompts: Sequence[str], max_new_tokens:
     tokenizer = model.tokenizer
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[str] = [""] * len(prompts)
-    bar = tqdm(total=len(prompts), desc="answers", unit="prompt", disable=not progress)
+    bar = progress_bar(total=len(prompts), desc="answers", unit="prompt", progress=progress)
 
     def run(rows: list[int]) -> None:
         enc = tokenizer([prompts[i] for i in rows], return_tensors="pt", padding=True,

@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from probes.errors import as_list
 from probes.devices import Halving
 from probes.models import ModelHandle
+from probes.progress import progress_bar
 
 
 def chat_token_ids(model: ModelHandle, instructions: Sequence[str]) -> list[list[int]]:
@@ -47,7 +47,7 @@ def generate(model: ModelHandle, instructions: Sequence[str], max_new_tokens: in
         raise ValueError("no instructions to generate from")
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     out: list[str] = [""] * len(ids)
-    bar = tqdm(total=len(ids), desc="generate", unit="prompt", disable=not progress)
+    bar = progress_bar(total=len(ids), desc="generate", unit="prompt", progress=progress)
 
     def run(rows: list[int]) -> None:
         input_ids, mask = left_pad(model, [ids[i] for i in rows])

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from probes.cli_args import (ArgumentParser, add_placement_args, check_layers, format_layers, layer_list,
@@ -30,6 +29,7 @@ from probes.cli_args import (ArgumentParser, add_placement_args, check_layers, f
 from probes.datasets import DATA_DIR, load_refusal_instructions
 from probes.files import atomic_folder, atomic_write_json, check_not_shipped, prepare_run_folder
 from probes.models import EMBEDDED_HF_ID, ModelHandle, _resolve, embedded_checkpoint, layer_count, wrap
+from probes.progress import progress_bar
 from steering.generation import answer_batch, answer_loss, chat_token_ids, generate
 
 ADAPTER_DIR = DATA_DIR / "refusal_organism"
@@ -137,7 +137,7 @@ def train(out: Path, n_harmful: int = 260, n_harmless: int = 260, epochs: int = 
     steps = epochs * math.ceil(len(examples) / batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10) * (1 - s / steps))
     start, losses = time.perf_counter(), []
-    bar = tqdm(total=steps, desc="train organism", disable=not progress)
+    bar = progress_bar(total=steps, desc="train organism", progress=progress)
     for epoch in range(epochs):
         random.Random(seed + epoch).shuffle(examples)
         for i in range(0, len(examples), batch_size):

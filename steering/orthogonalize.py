@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 from transformers import AutoConfig
 
 from probes.architecture import StoredWriter, meta_architecture, stored_writers
@@ -33,6 +32,7 @@ from probes.devices import is_offloaded
 from probes.errors import WorkbenchError
 from probes.files import atomic_folder
 from probes.models import ModelHandle
+from probes.progress import progress_bar
 from probes.readers import CorruptFileError, load_safetensors, read_json
 from steering.hooks import unit_direction
 
@@ -344,7 +344,7 @@ def orthogonalize_checkpoint(checkpoint: str | os.PathLike, direction: str | os.
     added = 0
     with atomic_folder(out, overwrite) as tmp:
         _copy_other_files(checkpoint, tmp, shards)
-        for name in tqdm(shards, desc="orthogonalizing shards", disable=not progress):
+        for name in progress_bar(shards, desc="orthogonalizing shards", progress=progress):
             added += _edit_shard(checkpoint / name, tmp / name, plan, r, gains,
                                  {k: v for k, v in copies.items() if shard_of[k] == name})
         if index is not None:

@@ -29,6 +29,7 @@ from probes.cli_args import (ArgumentParser, UsageError, add_placement_args, non
 from probes.datasets import load_refusal_instructions
 from probes.files import atomic_file, atomic_write_json, prepare_run_folder, write_figure
 from probes.models import ModelHandle, load_model
+from probes.progress import progress_bar
 from probes.provenance import weights_fingerprint
 from probes.readers import CorruptFileError
 from steering.directions import CandidateDirections, diff_in_means
@@ -146,7 +147,7 @@ def score_candidates(model: ModelHandle, candidates: CandidateDirections, harmfu
                       for i in range(0, len(harmless_ids), batch_size)])
     passes = sum(math.ceil(len(ids) * (len(pairs) if mix_candidates else 1) / batch_size) *
                  (1 if mix_candidates else len(pairs)) for ids in (harmful_ids, harmless_ids, harmless_ids))
-    bar = tqdm(total=passes, desc="score candidates", unit="pass", disable=not progress)
+    bar = progress_bar(total=passes, desc="score candidates", unit="pass", progress=progress)
 
     def ablated(ks):
         return ablate(model, vectors[ks[0]] if len(set(ks)) == 1 else vectors[ks])

@@ -29,11 +29,11 @@ from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
 from sae_lens.evals import ExplainedVarianceCalculator
 from sae_lens.saes.sae import SAEMetadata, TrainingSAE
 from sae_lens.training.sae_trainer import SAETrainer
-from tqdm.auto import tqdm
 
 from probes.datasets import DATA_DIR
 from probes.files import atomic_folder
 from probes.models import ModelHandle
+from probes.progress import progress_bar
 from steering.generation import pad
 from steering.hooks import replace_residual, residual_point
 
@@ -125,7 +125,7 @@ def train_sae(acts: torch.Tensor, d_sae: int, l1_coefficient: float = 5.0, *, ar
                          sae=training, data_provider=data)
     if normalize:
         trainer.activation_scaler.scaling_factor = d_in ** 0.5 / acts.float().norm(dim=-1).mean().item()
-    for _ in tqdm(range(steps), desc="train SAE", disable=not progress):
+    for _ in progress_bar(range(steps), desc="train SAE", progress=progress):
         trainer.maybe_reset_sparsity()
         trainer.step(next(data))
         trainer.n_training_steps += 1

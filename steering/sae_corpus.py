@@ -9,11 +9,11 @@ import random
 from typing import Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from probes.conflict import conflict_prompts, known_facts_candidates
 from probes.datasets import load_entities, load_refusal_instructions
 from probes.models import ModelHandle
+from probes.progress import progress_bar
 from steering.generation import generate
 from steering.sae import sae_positions
 
@@ -49,7 +49,7 @@ def token_activations(model: ModelHandle, texts: Sequence[str], layers: Sequence
         raise ValueError(f"layers must be in 0..{model.n_layers - 1}, got {list(layers)}")
     chunks: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     total = 0
-    for start in tqdm(range(0, len(texts), batch_size), desc="token activations", disable=not progress):
+    for start in progress_bar(range(0, len(texts), batch_size), desc="token activations", progress=progress):
         enc = model.tokenizer(list(texts[start:start + batch_size]), return_tensors="pt", padding=True,
                               truncation=True, max_length=max_length).to(model.device)
         hidden = model.hf_model(**enc, output_hidden_states=True, use_cache=False,

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Callable, Literal, Mapping, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from probes.cache import extract, residual_hooks
 from probes.cli_args import (ArgumentParser, add_placement_args, check_layers, layer_list, number_list, placement,
@@ -34,6 +33,7 @@ from probes.conflict import (USES_CONTEXT, USES_MEMORY, ConflictExample, conflic
 from probes.files import atomic_write_json, prepare_run_folder
 from probes.linear import LogisticProbe
 from probes.models import ModelHandle, layer_count, load_model
+from probes.progress import progress_bar
 from steering.hooks import replace_residual
 from steering.mutual_info import mutual_information, select_latents
 
@@ -258,7 +258,7 @@ def tune(model: ModelHandle, steering: Steering, val: Sequence[ConflictExample],
         raise ValueError(f"no settings to tune {method} on")
     prompts, refs = conflict_prompts(val, "sub"), references(val, target)
     scores = [exact_match_rate(steer(model, steering, prompts, method, target, setting, max_new_tokens), refs)
-              for setting in tqdm(grid, desc=f"tune {method} to {target}", disable=not progress)]
+              for setting in progress_bar(grid, desc=f"tune {method} to {target}", progress=progress)]
     best = max(range(len(grid)), key=scores.__getitem__)
     return grid[best], {setting.label(method): score for setting, score in zip(grid, scores)}
 
