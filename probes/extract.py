@@ -26,10 +26,11 @@ from probes.files import atomic_write_json, prepare_run_folder
 from probes.models import load_model
 from probes.positions import mark_span
 from probes.positions import validate as validate_positions
+from probes.report import Page, Table, write_report
 
 
 # What a run writes in its folder (the whole set is replaced by the next run with --overwrite).
-OUTPUTS = ("results.json", "activations.safetensors", "activations")
+OUTPUTS = ("results.json", "activations.safetensors", "activations", "index.html", "plotly.min.js")
 
 
 def _parse_positions(text: str):
@@ -55,6 +56,22 @@ def _inputs(args: argparse.Namespace) -> tuple[list[str], list | None, str | lis
             raise WorkbenchError(f"{args.prompts_file} holds no prompts; write one prompt per line")
         positions = _parse_positions(args.positions or "last")
     return prompts, spans, validate_positions(positions, spans is not None)
+
+
+def report_page(results: dict) -> Page:
+    """The run's report page: settings, the extraction's numbers and the mean residual norm by layer."""
+    import plotly.graph_objects as go
+
+    norms = results["mean_norm_per_layer"]
+    fig = go.Figure(go.Scatter(x=list(range(len(norms))), y=norms, mode="lines+markers"))
+    fig.update_layout(title=f"{results['model']}: mean residual-stream norm by layer", template="plotly_white",
+                      xaxis_title="hook point (0 = embeddings)", yaxis_title="mean L2 norm")
+    settings = {k: results[k] for k in ("model", "dtype", "device", "world_size", "cache") if k in results}
+    numbers = Table("Extraction", ["", "value"], [
+        ["prompts", results["n_prompts"]], ["hook points", len(results["hook_names"])],
+        ["activations shape", " x ".join(map(str, results["shape"]))], ["seconds", results["seconds"]],
+        ["prompts per second", results["prompts_per_second"]]])
+    return Page(f"Activation extraction: {results['model']}", settings, [numbers], {"mean_norm_by_layer": fig})
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -95,6 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
                "seconds": seconds, "prompts_per_second": len(prompts) / seconds,
                "mean_norm_per_layer": norms, "cache": str(path)}
     atomic_write_json(args.out / "results.json", results)
+    write_report(args.out, report_page(results))
     print(f"{model!r}\nextracted {len(prompts)} prompts x {len(cache.hook_names)} residual hook points "
           f"-> {tuple(cache.acts.shape)} {args.dtype} on {model.device} in {seconds:.1f} s "
           f"({len(prompts) / seconds:.0f} prompts/s)\nmean residual norm by layer: "
@@ -123,6 +141,7 @@ def _main_distributed(args: argparse.Namespace, model, prompts: list[str], spans
                "cache": str(cache.directory)}
     if rank == 0:
         atomic_write_json(args.out / "results.json", results)
+        write_report(args.out, report_page(results))
         print(f"{model!r}\nextracted {len(prompts)} prompts on {world_size} ranks ({model.device.type}) -> "
               f"{tuple(shape)} {args.dtype} in {seconds:.1f} s ({len(prompts) / seconds:.0f} prompts/s)\n"
               f"wrote {cache.directory} and {args.out / 'results.json'}")

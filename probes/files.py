@@ -87,14 +87,21 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2)
     return atomic_write_text(path, json.dumps(obj, indent=indent))
 
 
-def write_figure(fig, path: str | os.PathLike) -> Path:
-    """A plotly figure as HTML at ``path``, with ``plotly.min.js`` once beside it; both written atomically."""
-    path = Path(path)
-    bundle = path.parent / "plotly.min.js"
+def write_plotlyjs(folder: str | os.PathLike) -> Path:
+    """``folder/plotly.min.js`` (written atomically if missing): one copy per run folder, which every figure file and
+    the report page load offline."""
+    bundle = Path(folder) / "plotly.min.js"
     if not bundle.is_file():
         from plotly.offline import get_plotlyjs
 
         atomic_write_text(bundle, get_plotlyjs())
+    return bundle
+
+
+def write_figure(fig, path: str | os.PathLike) -> Path:
+    """A plotly figure as HTML at ``path``, with ``plotly.min.js`` once beside it; both written atomically."""
+    path = Path(path)
+    write_plotlyjs(path.parent)
     with atomic_file(path) as tmp:
         fig.write_html(tmp, include_plotlyjs="directory")  # finds the bundle beside tmp and leaves it alone
     return path

@@ -126,3 +126,39 @@ def proximity_error(pred, true, max_block: int = 1 << 24) -> torch.Tensor:
         hits[torch.arange(len(rows), device=t.device), rows] = False  # not the entity itself
         counts[rows] = hits.sum(1).to(F64)
     return counts / (n - 1)
+
+
+Z95 = 1.959963984540054  # two-sided 95% quantile of the standard normal
+
+
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a proportion (95% by default): unlike the normal approximation it stays inside
+    [0, 1] and is not empty at 0 or n successes, which matters for rates on a few dozen prompts."""
+    if n <= 0 or not 0 <= successes <= n:
+        raise ValueError(f"need 0 <= successes <= n and n > 0, got {successes} of {n}")
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def rate_with_interval(outcomes) -> dict:
+    """A rate over per-prompt yes/no outcomes with its n and 95% Wilson interval (the form results.json uses)."""
+    hits = [bool(x) for x in outcomes]
+    low, high = wilson_interval(sum(hits), len(hits))
+    return {"rate": sum(hits) / len(hits), "successes": sum(hits), "n": len(hits), "ci95": [low, high]}
+
+
+def paired_bootstrap(a, b, n_resamples: int = 2000, seed: int = 0) -> dict:
+    """Mean of ``a`` minus mean of ``b`` over the same prompts (per-prompt scores, e.g. 0/1 outcomes of two methods)
+    with a 95% percentile interval from resampling the prompts (seeded, so reruns agree), and whether it excludes 0:
+    a difference inside the interval's reach of 0 is not larger than the noise of this many prompts."""
+    x, y = _f64(a).flatten(), _f64(b).flatten()
+    if x.shape != y.shape or len(x) == 0:
+        raise ValueError(f"need paired scores of the same non-zero length, got {len(x)} and {len(y)}")
+    diff = x - y
+    rows = torch.randint(len(diff), (n_resamples, len(diff)), generator=torch.Generator().manual_seed(seed))
+    means = diff[rows].mean(1)
+    low, high = (float(v) for v in torch.quantile(means, torch.tensor([0.025, 0.975], dtype=F64)))
+    return {"difference": float(diff.mean()), "ci95": [low, high], "excludes_zero": bool(low > 0 or high < 0),
+            "n": len(diff), "n_resamples": n_resamples, "seed": seed}

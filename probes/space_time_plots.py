@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import functools
+import json
+import math
 from pathlib import Path
 
 import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from probes.datasets import DATA_DIR
 from probes.files import write_figure
+from probes.report import REPORT, Page, Table, write_report
 
 MAP_SCOPES = {"world_place": "world", "us_place": "usa", "nyc_place": "nyc"}
+# Country outlines shipped with the project (Natural Earth 1:110m, public domain; see data/geo/README.md): maps are
+# drawn on plain longitude/latitude axes, so nothing is fetched from a CDN and they render offline.
+OUTLINES_FILE = DATA_DIR / "geo" / "countries_110m.json"
+# Longitude and latitude ranges of each map (None: fitted to the true positions).
+MAP_RANGES = {"world": ((-180.0, 180.0), (-60.0, 85.0)), "usa": ((-126.0, -66.0), (24.0, 50.0)), "nyc": None}
+OUTLINES = "country outlines"
 
 
 def r2_by_layer(results: dict, metric: str = "r2") -> go.Figure:
@@ -35,23 +46,52 @@ def template_robustness(results: dict) -> go.Figure:
     return fig
 
 
+@functools.lru_cache(maxsize=1)
+def outline_lines() -> tuple[tuple, tuple]:
+    """Every country outline as one (longitudes, latitudes) polyline, rings separated by None (one trace)."""
+    lons: list[float | None] = []
+    lats: list[float | None] = []
+    for ring in (r for rings in json.loads(OUTLINES_FILE.read_text())["countries"].values() for r in rings):
+        lons += [p[0] for p in ring] + [None]
+        lats += [p[1] for p in ring] + [None]
+    return tuple(lons), tuple(lats)
+
+
+def _map_ranges(scope: str, true: np.ndarray) -> tuple[tuple[float, float], tuple[float, float]]:
+    """The map's longitude and latitude ranges: fixed per scope, or the true positions' with a margin."""
+    if MAP_RANGES.get(scope):
+        return MAP_RANGES[scope]
+    lo, hi = true.min(0), true.max(0)
+    pad = 0.05 * (hi - lo) + 1e-3
+    return (float(lo[1] - pad[1]), float(hi[1] + pad[1])), (float(lo[0] - pad[0]), float(hi[0] + pad[0]))
+
+
 def place_map(run, scope: str) -> go.Figure:
-    """Predicted positions of test entities (best layer), coloured by their true longitude."""
+    """Predicted positions of test entities (best layer), coloured by their true longitude, over the shipped
+    country outlines on longitude/latitude axes (equirectangular, true to scale at the map's middle latitude)."""
     pred, true = np.asarray(run.predictions), np.asarray(run.truth)
-    fig = go.Figure(go.Scattergeo(lat=pred[:, 0], lon=pred[:, 1], mode="markers", name="predicted",
-                                  marker=dict(size=4, color=true[:, 1], colorscale="Rainbow",
-                                              colorbar=dict(title="true longitude"))))
-    fig.add_trace(go.Scattergeo(lat=true[:, 0], lon=true[:, 1], mode="markers", name="true",
-                                marker=dict(size=2, color="black", opacity=0.3)))
-    geo = dict(showland=True, landcolor="rgb(235,235,235)", showcountries=True)
-    if scope == "usa":
-        geo["scope"] = "usa"
-    elif scope == "nyc":
-        geo.update(fitbounds="locations", resolution=50)
-    else:
-        geo["projection_type"] = "natural earth"
-    fig.update_geos(**geo)
-    fig.update_layout(title=f"{run.dataset}: predicted locations (layer {run.best_layer}, R² {run.best_r2:.2f})")
+    (x0, x1), (y0, y1) = _map_ranges(scope, true)
+    fig = go.Figure()
+    if scope != "nyc":
+        lons, lats = outline_lines()
+        fig.add_trace(go.Scatter(x=lons, y=lats, mode="lines", name=OUTLINES, hoverinfo="skip",
+                                 line=dict(color="rgb(150,150,150)", width=0.7)))
+    fig.add_trace(go.Scatter(x=pred[:, 1], y=pred[:, 0], mode="markers", name="predicted",
+                             marker=dict(size=4, color=true[:, 1], colorscale="Rainbow",
+                                         colorbar=dict(title="true longitude"))))
+    fig.add_trace(go.Scatter(x=true[:, 1], y=true[:, 0], mode="markers", name="true",
+                             marker=dict(size=3, color="black", opacity=0.4)))
+    if scope == "nyc":
+        fig.add_annotation(text="no outlines at this scale (the shipped Natural Earth 1:110m map has none for "
+                                "New York City)", xref="paper", yref="paper", x=0, y=1.06, showarrow=False,
+                           font=dict(size=11, color="grey"), xanchor="left")
+    stretch = 1 / math.cos(math.radians((y0 + y1) / 2))  # a degree of latitude vs one of longitude, in km
+    fig.update_xaxes(range=[x0, x1], title_text="longitude", showgrid=False, zeroline=False,
+                     constrain="domain")
+    fig.update_yaxes(range=[y0, y1], title_text="latitude", showgrid=False, zeroline=False, scaleanchor="x",
+                     scaleratio=stretch, constrain="domain")
+    fig.update_layout(title=f"{run.dataset}: predicted locations (layer {run.best_layer}, R² {run.best_r2:.2f})",
+                      template="plotly_white", height=560, legend=dict(x=0, y=-0.12, orientation="h"))
     return fig
 
 
@@ -82,17 +122,47 @@ def heldout_bars(results: dict) -> go.Figure:
     return fig
 
 
-# The files write_all writes (a run folder's figures, replaced as a whole by the next run).
+def report_tables(results: dict) -> list[Table]:
+    """The numbers README quotes (best layer and test R² per dataset, with scikit-learn's, the embedding's and the
+    other templates'), place errors, and the held-out blocks."""
+    templates = results.get("templates", [])[1:]
+    rows, blocks = [], []
+    for name, e in results["datasets"].items():
+        rows.append([name, e["best_layer"], e["best_r2"], e["sklearn_ridgecv_r2_at_best_layer"], e["r2"][0],
+                     *[e["templates"][t]["best_r2"] for t in templates], e["n_train"], e["n_test"],
+                     e.get("median_error_km"), e.get("proximity_error")])
+        blocks += [[name, b["block"], b["n_test"], b["r2_seen"], b["r2_heldout"]] for b in e["heldout_blocks"]]
+    columns = ["dataset", "best layer", "test R²", "scikit-learn R²", "R² at the embedding",
+               *[f"best R², {t} template" for t in templates], "n train", "n test", "median error (km)",
+               "proximity error"]
+    return [Table("Probes by dataset (first template, held-out test split)", columns, rows,
+                  "R² of latitude and longitude together for places; proximity error: fraction of entities closer to "
+                  "the truth than the prediction (0 is perfect)."),
+            Table("Held-out blocks (best layer)", ["dataset", "block", "n test", "R², block seen in training",
+                                                   "R², block held out"], blocks)]
+
+
+def figures(results: dict, runs: dict) -> dict[str, go.Figure]:
+    """Every figure of a run, by file stem."""
+    figs = {"r2_by_layer": r2_by_layer(results), "spearman_by_layer": r2_by_layer(results, "spearman"),
+            "templates": template_robustness(results), "heldout_blocks": heldout_bars(results)}
+    for name, by_template in runs.items():
+        run = next(iter(by_template.values()))
+        figs[f"{name}_predictions"] = (place_map(run, MAP_SCOPES[name]) if name in MAP_SCOPES
+                                       else time_scatter(run))
+    return figs
+
+
+# The files write_all writes (a run folder's figures and report page, replaced as a whole by the next run).
 FIGURE_FILES = ("r2_by_layer.html", "spearman_by_layer.html", "templates.html", "heldout_blocks.html",
-                "*_predictions.html")
+                "*_predictions.html", REPORT)
 
 
 def write_all(results: dict, runs: dict, out: Path) -> list[Path]:
-    """Every figure as HTML in ``out`` (plotly.js written once beside them), each file atomically."""
-    figures = {"r2_by_layer": r2_by_layer(results), "spearman_by_layer": r2_by_layer(results, "spearman"),
-               "templates": template_robustness(results), "heldout_blocks": heldout_bars(results)}
-    for name, by_template in runs.items():
-        run = next(iter(by_template.values()))
-        figures[f"{name}_predictions"] = (place_map(run, MAP_SCOPES[name]) if name in MAP_SCOPES
-                                          else time_scatter(run))
-    return [write_figure(fig, out / f"{name}.html") for name, fig in figures.items()]
+    """Every figure as HTML in ``out`` (plotly.js written once beside them) and the report page ``index.html``
+    showing them with the run's settings and numbers, each file atomically."""
+    figs = figures(results, runs)
+    settings = {"model": results["model"], "entities per dataset": results.get("n"),
+                "templates": results.get("templates"), "complete": results.get("complete")}
+    page = Page(f"Space and time probes: {results['model']}", settings, report_tables(results), figs)
+    return [*(write_figure(fig, out / f"{name}.html") for name, fig in figs.items()), write_report(out, page)]
