@@ -12,6 +12,10 @@ the hooked model's, so the logits are close to, not equal to, the hooks': :func:
 
 Input and output embeddings that are tied (SmolLM2, Gemma) are untied first: the unembedding keeps its original
 weights, as it does under the hooks.
+
+A checkpoint too large for memory is edited on disk, one safetensors shard at a time, with the same edit
+(:func:`orthogonalize_checkpoint`, or ``python -m steering.orthogonalize --checkpoint PATH --direction FILE --out
+OUT``).
 """
 
 from __future__ import annotations
