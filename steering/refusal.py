@@ -27,16 +27,19 @@ from tqdm.auto import tqdm
 from probes.cli_args import (ArgumentParser, UsageError, add_placement_args, non_negative_float, placement,
                              positive_int, run_cli)
 from probes.datasets import load_refusal_instructions
+from probes.errors import WorkbenchError
 from probes.files import atomic_file, atomic_write_json, prepare_run_folder, write_figure
+from probes.metrics import paired_bootstrap, rate_with_interval
 from probes.models import ModelHandle, load_model
 from probes.progress import progress_bar
 from probes.provenance import weights_fingerprint
+from probes.report import DIFFERENCE_COLUMNS, RATE_COLUMNS, Page, Table, difference_cells, rate_cells, write_report
 from probes.readers import CorruptFileError
 from steering.directions import CandidateDirections, diff_in_means
 from steering.generation import (answer_loss, chat_token_ids, generate, last_token_logits, next_token_logits,
                                  next_token_logprobs)
 from steering.hooks import ablate, add
-from steering.orthogonalize import orthogonalize, save_checkpoint
+from steering.orthogonalize import load_direction, orthogonalize, save_checkpoint
 
 # Substrings that mark a completion as a refusal (the style of the paper's list, written for this project).
 REFUSAL_PHRASES = (
@@ -48,7 +51,13 @@ REFUSAL_PHRASES = (
 # First words of refusals; their first tokens make up the fast refusal score.
 REFUSAL_STARTS = ("I", "Sorry", "As", "Unfortunately")
 # What a run writes in its folder (replaced as a whole by the next run); OUT/cache is kept: it resumes runs.
-OUTPUTS = ("results.json", "completions.json", "selection_heatmaps.html", "plotly.min.js", "checkpoint")
+OUTPUTS = ("results.json", "completions.json", "selection_heatmaps.html", "refusal_rates.html", "plotly.min.js",
+           "index.html", "checkpoint")
+# The refusal rates of results.json, and the comparisons made on the same prompts: (name, edited, baseline).
+RATE_KEYS = ("harmful_baseline", "harmful_ablation", "harmful_orthogonalized", "harmless_baseline", "harmless_actadd")
+COMPARISONS = (("harmful_ablation_vs_baseline", "harmful_ablation", "harmful_baseline"),
+               ("harmful_orthogonalized_vs_baseline", "harmful_orthogonalized", "harmful_baseline"),
+               ("harmless_actadd_vs_baseline", "harmless_actadd", "harmless_baseline"))
 
 
 class Judge(Protocol):
@@ -62,11 +71,24 @@ def substring_judge(instruction: str, completion: str) -> bool:
     return any(phrase.lower() in completion.lower() for phrase in REFUSAL_PHRASES)
 
 
-def refusal_rate(instructions: Sequence[str], completions: Sequence[str], judge: Judge = substring_judge) -> float:
-    """Fraction of completions judged refusals."""
+def refusals(instructions: Sequence[str], completions: Sequence[str], judge: Judge = substring_judge) -> list[bool]:
+    """Whether each completion is judged a refusal."""
     if len(instructions) != len(completions) or not completions:
         raise ValueError("need one completion per instruction, and at least one")
-    return sum(judge(i, c) for i, c in zip(instructions, completions)) / len(completions)
+    return [bool(judge(i, c)) for i, c in zip(instructions, completions)]
+
+
+def refusal_rate(instructions: Sequence[str], completions: Sequence[str], judge: Judge = substring_judge) -> float:
+    """Fraction of completions judged refusals."""
+    refused = refusals(instructions, completions, judge)
+    return sum(refused) / len(refused)
+
+
+def rate_statistics(refused: dict[str, Sequence[bool]]) -> dict:
+    """Each refusal rate with its n and 95% Wilson interval, and each edit against its baseline on the same prompts
+    (paired bootstrap of the difference): the results.json keys ``refusal_rate`` and ``comparisons``."""
+    return {"refusal_rate": {k: rate_with_interval(refused[k]) for k in RATE_KEYS},
+            "comparisons": {name: paired_bootstrap(refused[a], refused[b]) for name, a, b in COMPARISONS}}
 
 
 def refusal_token_ids(model: ModelHandle) -> list[int]:
@@ -199,16 +221,95 @@ def selection_heatmaps(scores: Sequence[CandidateScore]):
     layers = sorted({s.layer for s in scores})
     titles = {"ablation_refusal": "refusal score, harmful, ablated", "addition_refusal":
               "refusal score, harmless, added", "kl": "KL on harmless, ablated"}
-    fig = make_subplots(rows=1, cols=3, subplot_titles=list(titles.values()), horizontal_spacing=0.08)
+    # the panels share the position axis (titled once); each colour bar sits in the gap right of its own panel
+    fig = make_subplots(rows=1, cols=3, subplot_titles=list(titles.values()), horizontal_spacing=0.1,
+                        shared_yaxes=True)
     for col, key in enumerate(titles, start=1):
         grid = [[next((getattr(s, key) for s in scores if s.position == p and s.layer == l), None) for l in layers]
                 for p in positions]
-        fig.add_trace(go.Heatmap(z=grid, x=layers, y=[str(p) for p in positions], colorscale="RdBu_r",
-                                 colorbar=dict(x=0.29 + 0.36 * (col - 1), len=0.9), name=key), row=1, col=col)
+        right = fig.layout[f"xaxis{col if col > 1 else ''}"].domain[1]
+        colours = dict(colorscale="Reds") if key == "kl" else dict(colorscale="RdBu_r", zmid=0)  # log-odds: 0 = even
+        fig.add_trace(go.Heatmap(z=grid, x=layers, y=[str(p) for p in positions], name=key, **colours,
+                                 colorbar=dict(x=right + 0.005, xanchor="left", len=0.9, thickness=12)),
+                      row=1, col=col)
     fig.update_xaxes(title_text="layer")
-    fig.update_yaxes(title_text="position")
-    fig.update_layout(title="Candidate refusal directions", height=380)
+    fig.update_yaxes(title_text="position", row=1, col=1)
+    fig.update_layout(title="Candidate refusal directions", height=380, margin=dict(r=60))
     return fig
+
+
+def refusal_bars(results: dict):
+    """Refusal rates with their 95% Wilson intervals, harmful and harmless test prompts, per condition."""
+    import plotly.graph_objects as go
+
+    rates = results["refusal_rate"]
+    keys = list(rates)
+    fig = go.Figure(go.Bar(
+        x=[f"{k.replace('_', ' ')}<br>n={rates[k]['n']}" for k in keys], y=[rates[k]["rate"] for k in keys],
+        marker_color=["#d62728" if k.startswith("harmful") else "#4c78a8" for k in keys],
+        error_y=dict(type="data", symmetric=False, array=[rates[k]["ci95"][1] - rates[k]["rate"] for k in keys],
+                     arrayminus=[rates[k]["rate"] - rates[k]["ci95"][0] for k in keys])))
+    fig.update_layout(title=f"{results['model']}: refusal rate on held-out prompts (bars: 95% Wilson interval)",
+                      yaxis_title="refusal rate", yaxis_range=[0, 1.05], template="plotly_white")
+    return fig
+
+
+def report_page(results: dict, heatmaps) -> Page:
+    """The run's report page: settings, direction, refusal rates with intervals, the edits against their baseline,
+    and the figures."""
+    rates = Table("Refusal rate on held-out prompts", ["prompts, condition", *RATE_COLUMNS],
+                  [[k.replace("_", ", ", 1).replace("_", " "), *rate_cells(v)]
+                   for k, v in results["refusal_rate"].items()],
+                  "Substring judge (REFUSAL_PHRASES). The README quotes these as harmful/harmless refused.")
+    diffs = Table("Edits against the baseline on the same prompts", ["comparison", *DIFFERENCE_COLUMNS],
+                  [[k.replace("_", " "), *difference_cells(v)] for k, v in results["comparisons"].items()],
+                  "Difference of refusal rates; 95% interval from 2,000 seeded resamples of the prompts (paired).")
+    direction = Table("Selected direction", ["", "value"], [
+        ["layer", results["direction"]["layer"]], ["position", results["direction"]["position"]],
+        ["candidates kept / scored", f"{results['n_kept']} / {results['n_candidates']}"],
+        ["KL filter relaxed", results["kl_filter_relaxed"]],
+        ["KL on harmless prompts, ablated", results["kl_harmless_ablation"]],
+        ["max |logit| difference, weights vs hooks", results["max_abs_logit_diff_orthogonalized_vs_hooks"]],
+        ["KL, weights vs hooks", results["kl_orthogonalized_vs_hooks"]],
+        ["excluded dimensions", results["excluded_dims"]], ["checkpoint", results["checkpoint"]]])
+    settings = {k: v for k, v in results["settings"].items() if k not in ("direction", "weights")}
+    figures = {"refusal_rates": refusal_bars(results), "selection_heatmaps": heatmaps}
+    return Page(f"Refusal direction: {results['model']}", settings, [rates, diffs, direction], figures)
+
+
+# A selection saved for later (notebook 02 writes it, notebook 03 reads it back): the direction and every score.
+SELECTION_OUTPUTS = ("direction.safetensors", "direction.json", "selection.json")
+
+
+def save_selection(out: str | Path, model: ModelHandle, candidates: CandidateDirections,
+                   scores: Sequence[CandidateScore], best: CandidateScore, overwrite: bool = False) -> Path:
+    """The selected direction (``OUT/direction.safetensors``; model, layer, position and scores in
+    ``direction.json``) and every candidate's scores (``OUT/selection.json``); read back by :func:`load_selection`.
+    A folder holding a previous selection is refused unless ``overwrite``."""
+    out = prepare_run_folder(out, SELECTION_OUTPUTS, overwrite)
+    direction = candidates.get(best.position, best.layer).float().cpu().contiguous()
+    with atomic_file(out / "direction.safetensors") as tmp:
+        save_file({"direction": direction}, str(tmp))
+    atomic_write_json(out / "direction.json", {
+        "source_model": model.name, "weights": weights_fingerprint(model), "layer": best.layer,
+        "position": best.position, "selection": asdict(best), "excluded_dims": candidates.excluded_dims,
+        "n_harmful": candidates.n_positive, "n_harmless": candidates.n_negative})
+    atomic_write_json(out / "selection.json", [asdict(s) for s in scores])
+    return out
+
+
+def load_selection(out: str | Path, model: ModelHandle) -> tuple[torch.Tensor, CandidateScore]:
+    """The direction saved by :func:`save_selection` in ``out`` (float32, on the model's device) and its scores;
+    refused if ``out`` has none or it was selected on other weights than ``model``'s."""
+    path = Path(out) / "direction.safetensors"
+    if not path.is_file():
+        raise WorkbenchError(f"{out} holds no selected direction: run notebooks/02_refusal_direction.ipynb with "
+                             f"OUT = {str(out)!r} first (it selects the direction and saves it there)")
+    vector, meta = load_direction(path)
+    if meta.get("weights") != weights_fingerprint(model):
+        raise WorkbenchError(f"the direction in {out} was selected on {meta.get('source_model')}, not on "
+                             f"{model.name}'s weights: rerun notebook 02 with MODEL = {model.name!r}")
+    return vector.to(model.device, torch.float32), CandidateScore(**meta["selection"])
 
 
 def _cached(path: Path, make: Callable[[], Any], meta: dict) -> Any:
@@ -278,7 +379,8 @@ def run(model: ModelHandle, out: Path, n_train: int = 128, n_val: int = 32, n_te
         lambda: [asdict(s) for s in score_candidates(model, candidates, data["harmful_val"], data["harmless_val"],
                                                      batch_size=batch_size, progress=progress)], meta)]
     best = select(scores)
-    write_figure(selection_heatmaps(scores), out / "selection_heatmaps.html")
+    heatmaps = selection_heatmaps(scores)
+    write_figure(heatmaps, out / "selection_heatmaps.html")
     direction = candidates.get(best.position, best.layer).float()
     meta = {**meta, "direction": asdict(best), "max_new_tokens": max_new_tokens}
     harmful, harmless = data["harmful_test"], data["harmless_test"]
@@ -314,7 +416,8 @@ def run(model: ModelHandle, out: Path, n_train: int = 128, n_val: int = 32, n_te
                                        f"KL(hooks || weights) of the next token on "
                                        f"{len(harmful) + len(harmless)} held-out prompts: {kl_edit:.3g}.")
     prompts = {k: harmful if k.startswith("harmful") else harmless for k in gens}
-    rates = {k: refusal_rate(prompts[k], v, judge) for k, v in gens.items()}
+    refused = {k: refusals(prompts[k], v, judge) for k, v in gens.items()}
+    rates = {k: sum(v) / len(v) for k, v in refused.items()}
     results = {"model": model.name, "direction": {"layer": best.layer, "position": best.position},
                "refusal_score": {k: rates[k] for k in ("harmful_baseline", "harmful_ablation",
                                                        "harmful_orthogonalized", "harmless_baseline",
@@ -326,10 +429,12 @@ def run(model: ModelHandle, out: Path, n_train: int = 128, n_val: int = 32, n_te
                "loss_harmless_baseline_answers": loss, "selection": asdict(best),
                "n_candidates": len(scores), "n_kept": sum(s.kept for s in scores),
                "kl_filter_relaxed": not best.kept, "excluded_dims": candidates.excluded_dims, "settings": meta,
-               "seconds": time.perf_counter() - start}
+               **rate_statistics(refused), "seconds": time.perf_counter() - start}
     pairs = {k: [{"instruction": i, "completion": c} for i, c in zip(prompts[k], v)] for k, v in gens.items()}
     atomic_write_json(out / "completions.json", pairs, indent=1)
     atomic_write_json(out / "results.json", results)
+    write_figure(refusal_bars(results), out / "refusal_rates.html")
+    write_report(out, report_page(results, heatmaps))
     return results
 
 
