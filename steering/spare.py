@@ -32,6 +32,7 @@ from probes.conflict import (USES_CONTEXT, USES_MEMORY, ConflictExample, conflic
                              generate_answers, group_by_behaviour)
 from probes.files import atomic_write_json, prepare_run_folder
 from probes.linear import LogisticProbe
+from probes.metrics import paired_bootstrap, rate_with_interval
 from probes.models import ModelHandle, layer_count, load_model
 from probes.progress import progress_bar
 from steering.hooks import replace_residual
@@ -137,11 +138,29 @@ def edit_last_token(model: ModelHandle, edits: Mapping[str, Edit], generated: bo
     return replace_residual(model, {hook: last_only(edit) for hook, edit in edits.items()})
 
 
-def exact_match_rate(answers: Sequence[str], references: Sequence[Sequence[str]]) -> float:
-    """Fraction of answers matching one of their references after QA normalisation."""
+def exact_matches(answers: Sequence[str], references: Sequence[Sequence[str]]) -> list[bool]:
+    """Whether each answer matches one of its references after QA normalisation."""
     if not answers or len(answers) != len(references):
         raise ValueError(f"{len(answers)} answers for {len(references)} references")
-    return sum(exact_match(a, r) for a, r in zip(answers, references)) / len(answers)
+    return [bool(exact_match(a, r)) for a, r in zip(answers, references)]
+
+
+def exact_match_rate(answers: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    """Fraction of answers matching one of their references after QA normalisation."""
+    matches = exact_matches(answers, references)
+    return sum(matches) / len(matches)
+
+
+# Methods compared on the same test prompts (paired bootstrap): (name, method, against).
+COMPARISONS = (("spare_vs_no_edit", "spare", "no_edit"), ("spare_vs_actadd", "spare", "actadd"),
+               ("actadd_vs_no_edit", "actadd", "no_edit"))
+
+
+def match_statistics(matches: Mapping[str, Sequence[bool]]) -> tuple[dict, dict]:
+    """Each method's exact match with its n and 95% Wilson interval, and the methods' differences on the same
+    prompts with a paired-bootstrap 95% interval (:data:`COMPARISONS`)."""
+    rates = {m: rate_with_interval(v) for m, v in matches.items()}
+    return rates, {name: paired_bootstrap(matches[a], matches[b]) for name, a, b in COMPARISONS}
 
 
 def split(examples: Sequence[ConflictExample], fractions: tuple[float, float] = (0.6, 0.2), seed: int = 0
@@ -319,14 +338,17 @@ def report(model: ModelHandle, experiment: Experiment, out: Path, spare_grid: Se
     test_prompts = conflict_prompts(parts["test"], "sub")
     for target in ("context", "memory"):
         refs = references(parts["test"], target)
-        scores = {"no_edit": exact_match_rate(experiment.answers["test"], refs)}
+        matches = {"no_edit": exact_matches(experiment.answers["test"], refs)}
         for method, grid in grids.items():
             best, curve = tune(model, steering, parts["val"], method, target, grid, max_new_tokens, progress)
             results["tuning"][f"{method}_to_{target}"] = {"setting": asdict(best), "label": best.label(method),
                                                          "val_exact_match": curve}
-            scores[method] = exact_match_rate(
+            matches[method] = exact_matches(
                 steer(model, steering, test_prompts, method, target, best, max_new_tokens), refs)
-        results[f"steer_to_{target}"] = scores
+        results[f"steer_to_{target}"] = {m: sum(v) / len(v) for m, v in matches.items()}
+        rates, comparisons = match_statistics(matches)
+        results.setdefault("exact_match", {})[f"steer_to_{target}"] = rates
+        results.setdefault("comparisons", {})[f"steer_to_{target}"] = comparisons
     results["seconds"] = time.perf_counter() - start
     atomic_write_json(out / "results.json", results)
     from steering import spare_plots

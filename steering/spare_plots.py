@@ -8,6 +8,8 @@ import plotly.graph_objects as go
 
 from probes.cache import RESIDUAL_HOOK
 from probes.files import write_figure
+from probes.report import (DIFFERENCE_COLUMNS, RATE_COLUMNS, REPORT, Page, Table, difference_cells, rate_cells,
+                           write_report)
 
 METHODS = ("no_edit", "actadd", "spare")
 
@@ -30,13 +32,22 @@ def probe_accuracy(results: dict) -> go.Figure:
     return fig
 
 
+TARGETS = ("steer_to_context", "steer_to_memory")
+
+
 def steering_bars(results: dict) -> go.Figure:
-    """Exact match toward the context answer and toward the memorised answer, per method."""
-    targets = ("steer_to_context", "steer_to_memory")
-    fig = go.Figure([go.Bar(name=m, x=[t.replace("_", " ") for t in targets], y=[results[t][m] for t in targets])
-                     for m in METHODS])
-    fig.update_layout(barmode="group", title=f"{results['model']}: exact match on held-out conflict prompts",
-                      yaxis_title="exact match", yaxis_range=[0, 1])
+    """Exact match toward the context answer and toward the memorised answer, per method, with 95% Wilson
+    intervals as error bars."""
+    def bar(method: str) -> go.Bar:
+        rates = [results["exact_match"][t][method] for t in TARGETS]
+        return go.Bar(name=method, x=[f"{t.replace('_', ' ')} (n={r['n']})" for t, r in zip(TARGETS, rates)],
+                      y=[r["rate"] for r in rates],
+                      error_y=dict(type="data", symmetric=False, array=[r["ci95"][1] - r["rate"] for r in rates],
+                                   arrayminus=[r["rate"] - r["ci95"][0] for r in rates]))
+
+    fig = go.Figure([bar(m) for m in METHODS])
+    fig.update_layout(barmode="group", yaxis_title="exact match", yaxis_range=[0, 1.05],
+                      title=f"{results['model']}: exact match on held-out conflict prompts (bars: 95% Wilson interval)")
     return fig
 
 
@@ -54,13 +65,39 @@ def mi_ranking(results: dict, layer: int | str) -> go.Figure:
     return fig
 
 
-# The files write_all writes (a run folder's figures, replaced as a whole by the next run).
-FIGURE_FILES = ("probe_accuracy.html", "steering.html", "latents_layer*.html")
+def report_tables(results: dict) -> list[Table]:
+    """Exact match per target and method (the README's table) with n and 95% intervals, the methods compared on
+    the same prompts, the tuned settings and the split."""
+    rates = Table("Exact match on held-out conflict prompts", ["steer toward", "method", *RATE_COLUMNS],
+                  [[t.replace("_", " "), m, *rate_cells(e)] for t in TARGETS
+                   for m, e in results["exact_match"][t].items()])
+    diffs = Table("Methods compared on the same prompts", ["steer toward", "comparison", *DIFFERENCE_COLUMNS],
+                  [[t.replace("_", " "), c.replace("_", " "), *difference_cells(e)] for t in TARGETS
+                   for c, e in results["comparisons"][t].items()],
+                  "Difference of exact match; 95% interval from 2,000 seeded resamples of the prompts (paired).")
+    tuned = Table("Settings tuned on validation", ["method, target", "setting"],
+                  [[k.replace("_", " "), v["label"]] for k, v in results["tuning"].items()])
+    split = Table("Examples", ["split", "n", "unedited behaviour"],
+                  [[k, n, ", ".join(f"{g} {c}" for g, c in results["behaviour_counts"].get(k, {}).items())]
+                   for k, n in results["n"].items()])
+    return [rates, diffs, tuned, split]
 
 
-def write_all(results: dict, out: Path) -> None:
-    """Every figure as HTML in ``out`` (plotly.js once, beside them), each file atomically."""
-    figures = {"probe_accuracy": probe_accuracy(results), "steering": steering_bars(results)}
-    figures.update({f"latents_layer{l}": mi_ranking(results, l) for l in results["spare_layers"]})
-    for name, fig in figures.items():
-        write_figure(fig, out / f"{name}.html")
+def figures(results: dict) -> dict[str, go.Figure]:
+    """Every figure of a run, by file stem."""
+    figs = {"probe_accuracy": probe_accuracy(results), "steering": steering_bars(results)}
+    figs.update({f"latents_layer{l}": mi_ranking(results, l) for l in results["spare_layers"]})
+    return figs
+
+
+# The files write_all writes (a run folder's figures and report page, replaced as a whole by the next run).
+FIGURE_FILES = ("probe_accuracy.html", "steering.html", "latents_layer*.html", REPORT)
+
+
+def write_all(results: dict, out: Path) -> list[Path]:
+    """Every figure as HTML in ``out`` (plotly.js once, beside them) and the report page ``index.html`` showing
+    them with the run's settings and numbers, each file atomically."""
+    figs = figures(results)
+    settings = {"model": results["model"], "dataset": results["dataset"], "SAE hook points": results["sae_hooks"]}
+    page = Page(f"SpARE: {results['model']}", settings, report_tables(results), figs)
+    return [*(write_figure(fig, out / f"{name}.html") for name, fig in figs.items()), write_report(out, page)]
