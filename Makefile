@@ -26,6 +26,7 @@ demo: $(STAMP)
 	$(PY) -m steering.refusal --model embedded-refuser --n-train 64 --n-val 8 --n-test 16 --layer-step 3 \
 		--max-new-tokens 24 --out $(OUT)/refusal --overwrite
 	$(PY) -m steering.spare --model embedded --dataset known_facts --n 80 --strengths 0.5,2 --out $(OUT)/spare --overwrite
+	$(PY) -m probes.report --index $(OUT)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -164,10 +164,11 @@ def headline(results: dict) -> tuple[str, list[list[Any]]]:
 
 
 def write_index(folder: str | Path) -> Path:
-    """``folder/index.html`` linking every sub-folder that holds a results.json, with its headline numbers."""
+    """``folder/index.html`` linking every sub-folder that holds a results.json (in the order they were written),
+    with its headline numbers."""
     folder = Path(folder)
     tables = []
-    for path in sorted(folder.glob("*/results.json")):
+    for path in sorted(folder.glob("*/results.json"), key=lambda p: p.stat().st_mtime):  # in the order they ran
         experiment, rows = headline(json.loads(path.read_text()))
         report = path.parent / REPORT
         tables.append(Table(f"{path.parent.name} ({experiment})", ["", "value"], rows,

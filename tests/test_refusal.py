@@ -9,6 +9,7 @@ from steering import refusal
 from steering.directions import CandidateDirections, diff_in_means, outlier_dimensions
 from steering.generation import generate, next_token_logprobs
 from tests.numerics import FLOAT32_REL, assert_rel_close
+from tests.report_checks import check_comparison, check_rate, check_report
 
 CONTRACT_SCORES = {"harmful_baseline", "harmful_ablation", "harmful_orthogonalized", "harmless_baseline",
                    "harmless_actadd"}
@@ -88,6 +89,15 @@ def test_pipeline_writes_the_contract_and_a_loadable_checkpoint(tmp_path, device
     reloaded = AutoModelForCausalLM.from_pretrained(saved["checkpoint"])
     assert reloaded.config.num_hidden_layers == model.n_layers
     assert (tmp_path / "selection_heatmaps.html").is_file() and (tmp_path / "completions.json").is_file()
+    assert set(saved["refusal_rate"]) == CONTRACT_SCORES and len(saved["comparisons"]) == 3
+    for key, entry in saved["refusal_rate"].items():
+        check_rate(entry)
+        assert entry["rate"] == saved["refusal_score"][key] and entry["n"] == 4
+    for entry in saved["comparisons"].values():
+        check_comparison(entry)
+    page = check_report(tmp_path)
+    assert {"refusal_rates", "selection_heatmaps"} <= {p.stem for p in tmp_path.glob("*.html")}
+    assert "95% CI (Wilson)" in page and "harmful ablation vs baseline" in page
     # a rerun resumes from the cached directions and selection (replacing the previous run's outputs)
     again = refusal.run(load_model("random:llama-tiny", device=device), tmp_path, n_train=6, n_val=4, n_test=4,
                         max_new_tokens=4, progress=False, overwrite=True)

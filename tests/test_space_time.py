@@ -5,6 +5,7 @@ import pytest
 
 from probes import space_time
 from tests.notebook_runner import figures, run_notebook
+from tests.report_checks import check_report
 
 CONTRACT = {"targets", "layers", "r2", "spearman", "best_layer", "best_r2"}
 
@@ -24,6 +25,14 @@ def test_cli_writes_the_contract(embedded, tmp_path, monkeypatch):
         assert entry["best_layer"] == int(np.argmax(entry["r2"]))
     assert results["datasets"]["world_place"]["targets"] == ["latitude", "longitude"]
     assert (tmp_path / "r2_by_layer.html").is_file() and (tmp_path / "world_place_predictions.html").is_file()
+    page = check_report(tmp_path)
+    assert "scikit-learn R²" in page and "world_place" in page
+    assert draws_shipped_outlines(tmp_path / "world_place_predictions.html")
+
+
+def draws_shipped_outlines(path) -> bool:
+    """The map's figure file draws the shipped country outlines (a line trace; check_report: no topojson)."""
+    return '"name":"country outlines"' in path.read_text()
 
 
 def test_place_probe_improves_from_embeddings_to_middle_layers_and_matches_sklearn(embedded):

@@ -9,6 +9,7 @@ from sae_lens.saes.sae import SAEMetadata
 
 from probes.conflict import ConflictExample
 from steering import spare
+from tests.report_checks import check_comparison, check_rate, check_report
 
 
 def make_sae(d_in: int, d_sae: int, seed: int = 0, hook_name: str = "blocks.1.hook_resid_pre") -> StandardSAE:
@@ -122,3 +123,12 @@ def test_run_writes_the_contract(tiny, tmp_path, monkeypatch):
     assert saved["spare_layers"] == [1] and results["n"] == {"train": 12, "val": 4, "test": 4}
     assert saved["sae_hooks"] == {"1": "blocks.1.hook_resid_pre"}
     assert (tmp_path / "steering.html").is_file() and (tmp_path / "latents_layer1.html").is_file()
+    for target in ("steer_to_context", "steer_to_memory"):
+        for method, entry in saved["exact_match"][target].items():
+            check_rate(entry)
+            assert entry["rate"] == saved[target][method] and entry["n"] == 4
+        assert set(saved["comparisons"][target]) == {"spare_vs_no_edit", "spare_vs_actadd", "actadd_vs_no_edit"}
+        for entry in saved["comparisons"][target].values():
+            check_comparison(entry)
+    page = check_report(tmp_path)
+    assert "Exact match on held-out conflict prompts" in page and "spare vs actadd" in page
