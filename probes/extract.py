@@ -4,7 +4,8 @@
     python -m probes.extract --model embedded --prompts-file prompts.txt --positions=-3,-2,-1 --out runs/x
     torchrun --nproc-per-node 8 -m probes.extract --model M --dataset world_place --out runs/x   # one rank per GPU
 
-Writes ``OUT/activations.safetensors`` (see :class:`probes.cache.ActivationCache`) and ``OUT/results.json``; under
+Writes ``OUT/activations.safetensors`` (see :class:`probes.cache.ActivationCache`), ``OUT/results.json`` and the
+report page ``OUT/index.html``; under
 ``torchrun`` the cache is the folder of shards ``OUT/activations`` (see :mod:`probes.distributed`).
 """
 

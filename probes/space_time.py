@@ -6,7 +6,7 @@
 For each dataset: activations at the last token of the entity under each prompt template, one ridge probe per layer
 fitted on the train split and scored on the test split (R², Spearman), then held-out blocks (a country, state,
 borough, art type, category or decade unseen in training), and the single "space/time neurons" of the MLP.
-Writes ``OUT/results.json`` and HTML figures.
+Writes ``OUT/results.json``, HTML figures and the report page ``OUT/index.html``.
 """
 
 from __future__ import annotations

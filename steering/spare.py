@@ -318,8 +318,8 @@ def report(model: ModelHandle, experiment: Experiment, out: Path, spare_grid: Se
            actadd_grid: Sequence[EditSetting] | None = None, dataset: str = "", progress: bool = True,
            overwrite: bool = False) -> dict:
     """Conflict probe, edit settings tuned on validation (default grids: :func:`edit_grid`), exact match on test;
-    writes ``OUT/results.json`` (DESIGN.md contract) and the figures. A folder holding a previous run's outputs is
-    refused unless ``overwrite``, which removes them first."""
+    writes ``OUT/results.json`` (DESIGN.md contract), the figures and the report page. A folder holding a previous
+    run's outputs is refused unless ``overwrite``, which removes them first."""
     grids = {"actadd": actadd_grid or edit_grid("actadd"), "spare": spare_grid or edit_grid("spare")}
     start = time.perf_counter()
     prepare_run_folder(out, run_outputs(), overwrite)
