@@ -53,7 +53,8 @@ def project_out(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     if r.dim() == 1:
         return x - (x @ r).unsqueeze(-1) * r
     r = _per_row(r, x)
-    return x - (x @ r.transpose(1, 2)) * r
+    # a multiply-and-sum, not a batched matmul with one output column, which is slow on GPUs
+    return x - (x * r).sum(-1, keepdim=True) * r
 
 
 def residual_writers(model: ModelHandle) -> list[torch.nn.Module]:
