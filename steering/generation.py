@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+from typing import Callable, ContextManager, Mapping, Sequence
 
+import pandas as pd
 import torch
 
 from probes.errors import as_list
@@ -62,6 +64,18 @@ def generate(model: ModelHandle, instructions: Sequence[str], max_new_tokens: in
         for start in range(0, len(order), batch_size):
             halving.run(order[start:start + batch_size], run)
     return out
+
+
+def side_by_side(model: ModelHandle, instructions: Sequence[str],
+                 edits: Mapping[str, Callable[[], ContextManager] | None], max_new_tokens: int = 32,
+                 progress: bool = True) -> pd.DataFrame:
+    """Greedy completions of ``instructions`` under each edit, one column per edit (None: the model as it is),
+    e.g. ``{"baseline": None, "ablated": lambda: ablate(model, r), "added": lambda: add(model, r, layer)}``."""
+    columns = {"instruction": as_list(instructions, "instructions")}
+    for name, edit in edits.items():
+        with edit() if edit else contextlib.nullcontext():
+            columns[name] = generate(model, columns["instruction"], max_new_tokens, progress=progress)
+    return pd.DataFrame(columns)
 
 
 @torch.inference_mode()

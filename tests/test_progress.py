@@ -11,7 +11,7 @@ import nbformat
 from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parents[1]
-SHOW_BAR = "from probes.progress import progress_bar; list(progress_bar(range(3), desc='counting'))"
+SHOW_BAR = "from probes.progress import progress_bar; _ = list(progress_bar(range(3), desc='counting'))"
 
 
 def library_sources() -> dict[Path, str]:
@@ -46,11 +46,22 @@ def test_progress_false_silences_the_bar(capsys):
     assert capsys.readouterr().err == ""
 
 
-def test_bar_in_a_jupyter_kernel_is_a_widget():
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
-        f"import os; os.environ.pop('TQDM_DISABLE', None)\n{SHOW_BAR}")])
+def run(nb: nbformat.NotebookNode) -> None:
     client = NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}})
     client.km_kwargs = {"kernel_cmd": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]}
     client.execute()
+
+
+def test_bar_in_a_jupyter_kernel_is_a_widget():
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
+        f"import os; os.environ.pop('TQDM_DISABLE', None)\n{SHOW_BAR}")])
+    run(nb)
     outputs = nb.cells[0].outputs
     assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs), outputs
+
+
+def test_tqdm_disable_silences_the_bar_in_a_jupyter_kernel_too():
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
+        f"import os; os.environ['TQDM_DISABLE'] = '1'\n{SHOW_BAR}")])
+    run(nb)
+    assert nb.cells[0].outputs == []

@@ -52,6 +52,16 @@ def test_interventions_act_during_generate(embedded):
     assert not torch.equal(plain, steered)
 
 
+
+def test_side_by_side_has_a_column_per_edit_and_leaves_no_hook(tiny):
+    from steering.generation import generate, side_by_side
+
+    prompts = ["Name a colour.", "Count to three."]
+    r = torch.randn(tiny.d_model, generator=torch.Generator().manual_seed(0))
+    table = side_by_side(tiny, prompts, {"baseline": None, "added": lambda: add(tiny, r * 100, 1)}, 4, progress=False)
+    assert list(table.columns) == ["instruction", "baseline", "added"] and list(table.instruction) == prompts
+    assert list(table.baseline) == generate(tiny, prompts, 4, progress=False) != list(table.added)
+
 def test_bad_directions_are_refused(embedded):
     with pytest.raises(ValueError, match="d_model=576"):
         with ablate(embedded, torch.randn(100)):
