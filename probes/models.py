@@ -494,6 +494,17 @@ def build_random_model(preset: str | PreTrainedConfig, device: str | torch.devic
     return wrap(name, model, tokenizer, source=name)
 
 
+def random_twin(model: ModelHandle, seed: int = 0) -> ModelHandle:
+    """``model``'s architecture, config and tokenizer with seeded random weights (the initialisation of
+    ``from_config``), on its device in its dtype: the control for what a probe reads from the trained weights rather
+    than from the tokens themselves. A hub or local model's config is the one ``AutoConfig`` read for its name."""
+    config = copy.deepcopy(model.hf_model.config)
+    torch.manual_seed(seed)
+    with torch.device(model.device):
+        hf_model = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
+    return wrap(f"random-weights:{model.name}", hf_model, model.tokenizer, source=model.source)
+
+
 def load_hf_model(name: str, device: str | torch.device | None = None,
                   dtype: torch.dtype | str | None = None, trust_remote_code: bool = False, *,
                   device_map: DeviceMap = None, max_memory: dict | None = None,

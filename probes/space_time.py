@@ -11,6 +11,7 @@ Writes ``OUT/results.json``, HTML figures and the report page ``OUT/index.html``
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +27,9 @@ from probes.errors import WorkbenchError, as_list
 from probes.files import atomic_write_json, prepare_run_folder
 from probes.linear import DEFAULT_ALPHAS, RidgeProbe
 from probes.metrics import haversine_km, proximity_error, r2_score, spearman
-from probes.models import ModelHandle, load_model
+from probes.models import ModelHandle, load_model, random_twin
 from probes.positions import mark_span
+from probes.provenance import weights_fingerprint
 
 ALL_DATASETS = ("world_place", "us_place", "nyc_place", "art", "historical_figure", "headline")
 
@@ -155,6 +157,22 @@ def neuron_analysis(neurons: torch.Tensor, data: EntityData, ks: Sequence[int] =
     return {"top_neurons": top, "r2_top_k": topk}
 
 
+def shuffled_targets(data: EntityData, seed: int = 0) -> EntityData:
+    """``data`` with its target rows permuted across entities (seeded; train and test keep their rows), so a probe
+    can only fit noise: the control for the probe's own capacity."""
+    order = np.random.default_rng(seed).permutation(len(data))
+    return dataclasses.replace(data, targets=data.targets[order])
+
+
+def control_curves(twin: ModelHandle, acts: torch.Tensor, data: EntityData, template: str,
+                   alphas: Sequence[float] = DEFAULT_ALPHAS, seed: int = 0, progress: bool = True) -> dict:
+    """Test R² by layer of the same probe on the random-weights ``twin``'s activations and on ``acts`` (the probed
+    model's) with shuffled targets."""
+    twin_acts = entity_activations(twin, data, template, progress=progress)
+    return {"random_weights": fit_layers(twin_acts, data, alphas, template).r2,
+            "shuffled_targets": fit_layers(acts, shuffled_targets(data, seed), alphas, template).r2}
+
+
 def sklearn_reference_r2(acts_layer: torch.Tensor, data: EntityData, alphas: Sequence[float]) -> float:
     """R² of scikit-learn's RidgeCV on the same layer and split (standardised targets), as a cross-check."""
     from sklearn.linear_model import RidgeCV
@@ -182,14 +200,21 @@ def check_choices(datasets: Sequence[str], templates: Sequence[str]) -> None:
 def reproduce(model: ModelHandle, datasets: Sequence[str], n: int | None,
               templates: Sequence[str] = ("empty", "question"), alphas: Sequence[float] = DEFAULT_ALPHAS,
               n_blocks: int = 5, neuron_ks: Sequence[int] = (1, 4, 16, 64), seed: int = 0,
-              progress: bool = True, on_dataset: Callable[[dict], None] | None = None
+              progress: bool = True, on_dataset: Callable[[dict], None] | None = None, controls: bool = True
               ) -> tuple[dict, dict[str, dict[str, ProbeResult]]]:
     """The whole reproduction: the results dict (DESIGN.md contract plus details) and every probe run by dataset.
 
     ``on_dataset(results)`` is called after each dataset with the results so far (to save partial progress).
+    ``controls`` adds ``results["controls"][dataset]``: test R² by layer (first template) of the same probe on a
+    random-weights twin of the model and on shuffled targets (:func:`control_curves`).
     """
     check_choices(datasets, templates)
     results: dict = {"model": model.name, "n": n, "templates": list(templates), "datasets": {}}
+    twin = random_twin(model, seed) if controls else None
+    if twin is not None:
+        results["controls"] = {}
+        results["control_model"] = {"name": twin.name, "seed": seed,
+                                    "weights_fingerprint": weights_fingerprint(twin)}
     runs_by_dataset: dict[str, dict[str, ProbeResult]] = {}
     for name in datasets:
         start = time.perf_counter()
@@ -215,6 +240,9 @@ def reproduce(model: ModelHandle, datasets: Sequence[str], n: int | None,
         neurons = entity_activations(model, data, TEMPLATES[name][templates[0]],
                                      hooks=[f"blocks.{neuron_layer}.mlp.hook_post"], progress=progress)[:, 0]
         entry["neurons"] = {"layer": neuron_layer, **neuron_analysis(neurons, data, neuron_ks, alphas)}
+        if twin is not None:
+            results["controls"][name] = control_curves(twin, acts_main, data, TEMPLATES[name][templates[0]],
+                                                       alphas, seed, progress)
         entry["seconds"] = time.perf_counter() - start
         results["datasets"][name] = entry
         runs_by_dataset[name] = runs
@@ -263,15 +291,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--overwrite", action="store_true", help="replace the outputs of a previous run in --out")
+    parser.add_argument("--no-controls", dest="controls", action="store_false",
+                        help="skip the random-weights and shuffled-targets controls (faster)")
     args = parser.parse_args(argv)
     check_choices(args.datasets.split(","), args.templates.split(","))
     prepare_run_folder(args.out, run_outputs(), args.overwrite)  # refused before the model loads
     model = load_model(args.model, device=args.device, dtype=args.dtype, **placement(args))
     results = run(model, args.datasets.split(","), args.n, args.out, templates=args.templates.split(","),
-                  overwrite=args.overwrite)
+                  overwrite=args.overwrite, controls=args.controls)
     for name, entry in results["datasets"].items():
         print(f"{name:18s} best layer {entry['best_layer']:2d}  R² {entry['best_r2']:.3f}  "
               f"(sklearn RidgeCV at that layer {entry['sklearn_ridgecv_r2_at_best_layer']:.3f})")
+        for control, r2 in results.get("controls", {}).get(name, {}).items():
+            print(f"{'':18s} {control:16s} peak R² {max(r2):.3f}")
     print(f"wrote {args.out / 'results.json'}")
     return results
 

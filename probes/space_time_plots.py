@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import plotly.colors
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
@@ -22,16 +23,35 @@ OUTLINES_FILE = DATA_DIR / "geo" / "countries_110m.json"
 # Longitude and latitude ranges of each map (None: fitted to the true positions).
 MAP_RANGES = {"world": ((-180.0, 180.0), (-60.0, 85.0)), "usa": ((-126.0, -66.0), (24.0, 50.0)), "nyc": None}
 OUTLINES = "country outlines"
+PALETTE = plotly.colors.qualitative.Plotly
+# Legend label and line dash of each control curve in results["controls"][dataset].
+CONTROL_STYLES = {"random_weights": ("random weights", "dash"), "shuffled_targets": ("shuffled targets", "dot")}
 
 
 def r2_by_layer(results: dict, metric: str = "r2") -> go.Figure:
-    """Test R² (or Spearman) per layer, one line per dataset."""
+    """Test R² (or Spearman) per layer, one line per dataset; for R², the dataset's controls beside it."""
     fig = go.Figure()
-    for name, entry in results["datasets"].items():
-        fig.add_trace(go.Scatter(x=entry["layers"], y=entry[metric], mode="lines+markers", name=name))
+    for i, (name, entry) in enumerate(results["datasets"].items()):
+        colour = PALETTE[i % len(PALETTE)]
+        fig.add_trace(go.Scatter(x=entry["layers"], y=entry[metric], mode="lines+markers", name=name,
+                                 line=dict(color=colour)))
+        if metric == "r2":
+            add_controls(fig, name, entry["layers"], results.get("controls", {}).get(name, {}), colour)
     fig.update_layout(title=f"Probe {metric} on held-out entities by layer ({results['model']})",
                       xaxis_title="layer (residual stream after n blocks)", yaxis_title=metric, template="plotly_white")
     return fig
+
+
+def add_controls(fig: go.Figure, dataset: str, layers: list[int], controls: dict[str, list[float]],
+                 colour: str) -> None:
+    """A dataset's control curves (random weights dashed, shuffled targets dotted) in its colour, one legend
+    entry per kind of control for all datasets."""
+    shown = {t.legendgroup for t in fig.data}
+    for key, r2 in controls.items():
+        label, dash = CONTROL_STYLES[key]
+        fig.add_trace(go.Scatter(x=layers, y=r2, mode="lines", name=label, legendgroup=key,
+                                 showlegend=key not in shown, opacity=0.7, line=dict(color=colour, dash=dash),
+                                 hovertemplate=f"{dataset}, {label}<br>layer %{{x}}: R² %{{y:.3f}}<extra></extra>"))
 
 
 def template_robustness(results: dict) -> go.Figure:

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from probes.models import ModelLoadError, builtin_names, load_model
+from probes.models import ModelLoadError, builtin_names, load_model, random_twin
+from probes.provenance import weights_fingerprint
 
 
 def test_embedded_metadata(embedded):
@@ -47,6 +48,16 @@ def test_random_model_is_seeded(tiny):
     other = load_model("random:llama-tiny", device=tiny.device, seed=1)
     assert not torch.equal(tiny.hf_model.model.layers[0].mlp.up_proj.weight,
                            other.hf_model.model.layers[0].mlp.up_proj.weight)
+
+
+def test_random_twin_has_the_config_and_tokenizer_but_other_weights(embedded, tiny):
+    twin = random_twin(embedded)
+    assert twin.hf_model.config.to_dict() == embedded.hf_model.config.to_dict()
+    assert twin.tokenizer is embedded.tokenizer and (twin.device, twin.dtype) == (embedded.device, embedded.dtype)
+    assert (twin.n_layers, twin.d_model) == (embedded.n_layers, embedded.d_model)
+    assert weights_fingerprint(twin) != weights_fingerprint(embedded)
+    assert weights_fingerprint(random_twin(tiny, seed=3)) == weights_fingerprint(random_twin(tiny, seed=3))
+    assert weights_fingerprint(random_twin(tiny, seed=3)) != weights_fingerprint(random_twin(tiny, seed=4))
 
 
 @pytest.mark.parametrize("name", ["", "random:nope", "no-such-org/no-such-model-xyz"])

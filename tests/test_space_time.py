@@ -1,9 +1,13 @@
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
+import torch
 
 from probes import space_time
+from probes.datasets import EntityData
+from probes.provenance import weights_fingerprint
 from tests.notebook_runner import figures, run_notebook
 from tests.report_checks import check_report
 
@@ -25,9 +29,36 @@ def test_cli_writes_the_contract(embedded, tmp_path, monkeypatch):
         assert entry["best_layer"] == int(np.argmax(entry["r2"]))
     assert results["datasets"]["world_place"]["targets"] == ["latitude", "longitude"]
     assert (tmp_path / "r2_by_layer.html").is_file() and (tmp_path / "world_place_predictions.html").is_file()
+    assert set(results["controls"]) == {"world_place", "art"}
+    for curves in results["controls"].values():
+        assert set(curves) == {"random_weights", "shuffled_targets"}
+        assert all(len(r2) == embedded.n_layers + 1 for r2 in curves.values())
+    assert results["control_model"]["weights_fingerprint"] != weights_fingerprint(embedded)
+    r2_figure = (tmp_path / "r2_by_layer.html").read_text()
+    assert '"name":"random weights"' in r2_figure and '"name":"shuffled targets"' in r2_figure
     page = check_report(tmp_path)
     assert "scikit-learn R²" in page and "world_place" in page
     assert draws_shipped_outlines(tmp_path / "world_place_predictions.html")
+
+
+def planted(n: int = 300, layers: int = 3, d: int = 40, seed: int = 0) -> tuple[torch.Tensor, EntityData]:
+    """Synthetic activations [n, layers, d] whose last layer holds two targets linearly, with noise."""
+    rng = np.random.default_rng(seed)
+    acts = rng.normal(size=(n, layers, d))
+    targets = acts[:, -1, :2] @ rng.normal(size=(2, 2)) + 0.1 * rng.normal(size=(n, 2))
+    data = EntityData("planted", "space", pd.DataFrame(index=range(n)), [f"e{i}" for i in range(n)], targets,
+                      ["a", "b"], rng.random(n) < 0.3)
+    return torch.as_tensor(acts), data
+
+
+def test_shuffled_targets_leave_the_probe_nothing_to_read():
+    acts, data = planted()
+    shuffled = space_time.shuffled_targets(data, seed=1)
+    assert np.array_equal(np.sort(shuffled.targets, 0), np.sort(data.targets, 0))
+    assert np.array_equal(shuffled.is_test, data.is_test) and shuffled.entities == data.entities
+    assert np.array_equal(space_time.shuffled_targets(data, seed=1).targets, shuffled.targets)
+    assert space_time.fit_layers(acts, data).r2[-1] > 0.95
+    assert max(space_time.fit_layers(acts, shuffled).r2) < 0.05
 
 
 def draws_shipped_outlines(path) -> bool:
@@ -37,7 +68,8 @@ def draws_shipped_outlines(path) -> bool:
 
 def test_place_probe_improves_from_embeddings_to_middle_layers_and_matches_sklearn(embedded):
     results, _ = space_time.reproduce(embedded, ["world_place"], 400, templates=["empty"], n_blocks=2,
-                                      neuron_ks=(1, 8), progress=False)
+                                      neuron_ks=(1, 8), progress=False, controls=False)
+    assert "controls" not in results
     entry = results["datasets"]["world_place"]
     middle = entry["r2"][embedded.n_layers // 4: 3 * embedded.n_layers // 4]
     assert max(middle) > entry["r2"][0] + 0.05
@@ -61,7 +93,9 @@ def test_notebook_runs_and_shows_the_figures(tmp_path):
     kinds = [{t["type"] for t in f["data"]} for f in figs]
     assert len(figs) >= 8
     r2_fig = figs[0]
-    assert [t["name"] for t in r2_fig["data"]] == list(space_time.ALL_DATASETS)
+    names = [t["name"] for t in r2_fig["data"]]
+    assert [n for n in names if n in space_time.ALL_DATASETS] == list(space_time.ALL_DATASETS)
+    assert names.count("random weights") == names.count("shuffled targets") == len(space_time.ALL_DATASETS)
     assert sum("scattergeo" in k for k in kinds) == 3  # world, US and NYC maps
     assert any(k == {"bar"} for k in kinds)  # held-out blocks
     assert (tmp_path / "nb" / "headline_predictions.html").is_file()
