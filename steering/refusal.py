@@ -348,7 +348,8 @@ def _load_directions(path: Path, meta: dict) -> dict[str, torch.Tensor] | None:
 def run(model: ModelHandle, out: Path, n_train: int = 128, n_val: int = 32, n_test: int = 64,
         max_new_tokens: int = 32, layer_step: int = 1, judge: Judge = substring_judge, batch_size: int = 64,
         outlier_ratio: float | None = 10.0, progress: bool = True, overwrite: bool = False) -> dict:
-    """The whole pipeline; writes ``OUT/results.json``, figures, completions and the checkpoint.
+    """The whole pipeline; writes ``OUT/results.json``, figures, completions, the report page ``OUT/index.html``
+    and the checkpoint.
 
     With ``outlier_ratio``, the residual-stream dimensions with massive activations on the training prompts (see
     :func:`steering.directions.outlier_dimensions`) are left out of every candidate; ``None`` or 0 keeps the paper's
