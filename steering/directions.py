@@ -10,6 +10,7 @@ import torch
 from probes.cache import extract_group_means
 from probes.errors import as_list
 from probes.models import ModelHandle
+from probes.progress import progress_bar
 from steering.generation import chat_token_ids, pad
 
 
@@ -62,13 +63,14 @@ def diff_in_means(model: ModelHandle, positive: Sequence[str], negative: Sequenc
     candidates = CandidateDirections(means.difference("positive", "negative"), positions, layers, len(positive),
                                      len(negative))
     if outlier_ratio:
-        candidates = candidates.without_dims(outlier_dimensions(model, list(positive) + list(negative), outlier_ratio))
+        candidates = candidates.without_dims(outlier_dimensions(model, list(positive) + list(negative), outlier_ratio,
+                                                                progress=progress))
     return candidates
 
 
 @torch.inference_mode()
-def outlier_dimensions(model: ModelHandle, instructions: Sequence[str], ratio: float = 10.0, batch_size: int = 16
-                       ) -> list[int]:
+def outlier_dimensions(model: ModelHandle, instructions: Sequence[str], ratio: float = 10.0, batch_size: int = 16,
+                       progress: bool = True) -> list[int]:
     """Residual-stream dimensions with massive activations on chat-formatted ``instructions``.
 
     A dimension is an outlier when its mean absolute value over the tokens (the first token, an attention sink, left
@@ -84,7 +86,8 @@ def outlier_dimensions(model: ModelHandle, instructions: Sequence[str], ratio: f
     ids = chat_token_ids(model, instructions)
     total = torch.zeros(model.n_layers, model.d_model, dtype=torch.float64, device=model.device)
     count = 0
-    for start in range(0, len(ids), batch_size):
+    for start in progress_bar(range(0, len(ids), batch_size), desc="outlier dimensions", unit="batch",
+                              progress=progress):
         input_ids, mask = pad(model, ids[start:start + batch_size], "right")
         hidden = model.hf_model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True,
                                 use_cache=False, logits_to_keep=1).hidden_states[:model.n_layers]

@@ -294,7 +294,7 @@ def _summed_ce(model: ModelHandle, input_ids: torch.Tensor, mask: torch.Tensor) 
 
 @torch.no_grad()
 def reconstruction_ce(model: ModelHandle, sae: SAE, prompts: Sequence[str] | Sequence[Sequence[int]],
-                      batch_size: int = 8, max_length: int = 256) -> dict[str, float]:
+                      batch_size: int = 8, max_length: int = 256, progress: bool = True) -> dict[str, float]:
     """Next-token cross-entropy with the residual at the SAE's hook point (:func:`sae_hook_name`) clean,
     SAE-reconstructed, zero-ablated.
 
@@ -310,7 +310,8 @@ def reconstruction_ce(model: ModelHandle, sae: SAE, prompts: Sequence[str] | Seq
         raise ValueError("every prompt needs at least 2 tokens to score next-token loss")
     totals = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_zero_ablation": 0.0}
     count = 0
-    for start in range(0, len(ids), batch_size):
+    for start in progress_bar(range(0, len(ids), batch_size), desc="reconstruction loss", unit="batch",
+                              progress=progress):
         input_ids, mask = pad(model, ids[start:start + batch_size], side="right")
         mask = mask.bool()
         where = sae_positions(model, input_ids, mask).unsqueeze(-1)
