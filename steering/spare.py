@@ -29,7 +29,7 @@ from probes.cache import extract, residual_hooks
 from probes.cli_args import (ArgumentParser, add_placement_args, check_layers, layer_list, number_list, placement,
                              positive_int, proportion, run_cli)
 from probes.conflict import (USES_CONTEXT, USES_MEMORY, ConflictExample, conflict_prompts, exact_match,
-                             generate_answers, group_by_behaviour)
+                             generate_answers, group_by_behaviour, kind_counts)
 from probes.files import atomic_write_json, prepare_run_folder
 from probes.linear import LogisticProbe
 from probes.metrics import paired_bootstrap, rate_with_interval
@@ -329,6 +329,8 @@ def report(model: ModelHandle, experiment: Experiment, out: Path, spare_grid: Se
                      "conflict_probe_accuracy": accuracy, "spare_layers": sorted(steering.latents),
                      "sae_hooks": dict(sorted(steering.hooks.items())),
                      "n": {k: len(v) for k, v in parts.items()},
+                     "known_facts_kinds": {"all": kind_counts([e for v in parts.values() for e in v]),
+                                           **{k: kind_counts(v) for k, v in parts.items()}},
                      "behaviour_counts": {k: {g: v.count(g) for g in sorted(set(v))}
                                           for k, v in experiment.groups.items()},
                      "latents": {l: {"context": s.context.tolist(), "memory": s.memory.tolist(),
