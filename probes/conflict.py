@@ -20,10 +20,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from probes.datasets import NQSWAP_COLUMNS, load_entities
+from probes.datasets import ENTITY_DATASETS, NQSWAP_COLUMNS, load_entities
 from probes.devices import Halving
 from probes.errors import as_list
-from probes.files import atomic_file
+from probes.files import atomic_file, check_not_shipped
 from probes.models import ModelHandle
 from probes.progress import progress_bar
 from probes.readers import read_jsonl_gz
@@ -131,10 +131,44 @@ COUNTRY_NAMES: dict[str, str] = {
     "Scotland": "United Kingdom", "Wales": "United Kingdom", "Northern Ireland": "United Kingdom",
     "Republic of China (Taiwan)": "Taiwan", "Myanmar (Burma)": "Myanmar", "Georgia (country)": "Georgia",
 }
+# Occupations of historical_figure (Pantheon 1.0) -> other words a short answer uses for them.
+OCCUPATION_ALIASES: dict[str, tuple[str, ...]] = {
+    "politician": ("statesman", "stateswoman"), "military personnel": ("soldier", "military officer", "general"),
+    "religious figure": ("religious leader",), "social activist": ("activist",),
+    "film director": ("director", "filmmaker", "film maker"), "businessperson": ("businessman", "businesswoman"),
+    "soccer player": ("footballer", "football player"), "racecar driver": ("racing driver", "race car driver"),
+}
+
+
+def _ordinal(number: int) -> str:
+    suffix = "th" if 10 <= number % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(number % 10, "th")
+    return f"{number}{suffix}"
+
+
+def century_name(year: int) -> str:
+    """The century of a year (BCE years negative, no year 0): 1642 -> "17th century", -384 -> "4th century BC"."""
+    if year > 0:
+        return f"{_ordinal((year - 1) // 100 + 1)} century"
+    return f"{_ordinal((-year - 1) // 100 + 1)} century BC"
+
+
+def _century_aliases(centuries: int = 30) -> dict[str, tuple[str, ...]]:
+    """"17th century" -> "17th", "1600s", "17th century AD"; "4th century BC" -> "4th century BCE"."""
+    aliases = {}
+    for c in range(1, centuries + 1):
+        ad, bc = f"{_ordinal(c)} century", f"{_ordinal(c)} century BC"
+        aliases[ad] = (_ordinal(c), f"{(c - 1) * 100}s", f"{ad} AD", f"{ad} CE")
+        aliases[bc] = (f"{_ordinal(c)} century BCE", f"{_ordinal(c)} BC", f"{_ordinal(c)} BCE")
+    return aliases
+
+
 # Other accepted spellings of an answer (exact match against any of them counts).
 ANSWER_ALIASES: dict[str, tuple[str, ...]] = {
     "United States": ("USA", "US", "U.S.", "United States of America", "America"),
     "United Kingdom": ("UK", "U.K.", "Britain", "Great Britain"),
+    "New York": ("New York State",), "Washington": ("Washington State",),
+    "District of Columbia": ("Washington, D.C.", "DC"),
+    **OCCUPATION_ALIASES, **_century_aliases(),
 }
 
 
@@ -143,6 +177,11 @@ def _country(frame: pd.DataFrame) -> pd.Series:
     names = names.map(lambda c: COUNTRY_NAMES.get(c, c))
     # Drop what is not a plain country name: lists, "City, Country", disambiguations, file names.
     return names.where(~names.str.contains(r"[,:()]|^List of", regex=True))
+
+
+def _birth_century(frame: pd.DataFrame) -> pd.Series:
+    years = pd.to_numeric(frame["birth_year"], errors="coerce")
+    return years.map(lambda y: None if pd.isna(y) or y == 0 else century_name(int(y)))
 
 
 def _where(column: str, value: str) -> Callable[[pd.DataFrame], pd.Series]:
@@ -177,7 +216,17 @@ FACT_KINDS: dict[str, FactKind] = {
     "film_director": FactKind("art", ("title", "creator", "entity_type"), lambda f: f["title"],
                               lambda f: f["creator"], "Who directed the film {subject}?",
                               "{subject} is a film directed by {answer}.", _where("entity_type", "movie")),
+    "person_occupation": FactKind("historical_figure", ("name", "occupation"), lambda f: f["name"],
+                                  lambda f: f["occupation"], "What was the occupation of {subject}?",
+                                  "{subject}'s occupation was {answer}."),
+    "person_century": FactKind("historical_figure", ("name", "birth_year"), lambda f: f["name"], _birth_century,
+                               "In which century was {subject} born?", "{subject} was born in the {answer}."),
 }
+
+
+# Most popular rows read per fact kind when building the known facts, and known facts kept per kind.
+KNOWN_FACTS_N = 4000
+KNOWN_FACTS_MAX_PER_KIND = 800
 
 
 def _with_aliases(answers: Sequence[str], aliases: Mapping[str, Sequence[str]]) -> tuple[str, ...]:
@@ -186,13 +235,8 @@ def _with_aliases(answers: Sequence[str], aliases: Mapping[str, Sequence[str]]) 
 
 
 def _facts(kind: FactKind, frame: pd.DataFrame) -> pd.DataFrame:
-    """(subject, answers) of the usable rows, answers of one subject grouped, answers leaking into the subject
+    """(subject, answers) of the rows with both, answers of one subject grouped, answers leaking into the subject
     dropped (e.g. "Punjab, India" -> India)."""
-    missing = [c for c in kind.columns if c not in frame.columns]
-    if missing:
-        raise ValueError(f"dataset {kind.dataset} lacks column(s) {missing}; it has {list(frame.columns)}")
-    if kind.rows is not None:
-        frame = frame[kind.rows(frame)]
     pairs = pd.DataFrame({"subject": kind.subject(frame), "answer": kind.answer(frame)}).dropna()
     pairs = pairs.astype(str).apply(lambda col: col.str.strip())
     pairs = pairs[(pairs["subject"] != "") & (pairs["answer"] != "")]
@@ -201,14 +245,32 @@ def _facts(kind: FactKind, frame: pd.DataFrame) -> pd.DataFrame:
     return pairs.groupby("subject", sort=False)["answer"].agg(lambda a: tuple(dict.fromkeys(a))).reset_index()
 
 
-def known_facts_candidates(kinds: Sequence[str] = tuple(FACT_KINDS), n: int | None = 500, seed: int = 0,
+def _kind_rows(kind: FactKind, n: int | None, seed: int, source: str | Path | None) -> pd.DataFrame:
+    """The rows of ``kind`` (its row filter applied first), the ``n`` most popular of them (a seeded sample where
+    its dataset ranks none)."""
+    frame = load_entities(kind.dataset, source=source).frame
+    missing = [c for c in kind.columns if c not in frame.columns]
+    if missing:
+        raise ValueError(f"dataset {kind.dataset} lacks column(s) {missing}; it has {list(frame.columns)}")
+    if kind.rows is not None:
+        frame = frame[kind.rows(frame)]
+    if n is None or n >= len(frame):
+        return frame
+    popularity = ENTITY_DATASETS[kind.dataset].popularity
+    if popularity and popularity in frame:
+        return frame.sort_values(popularity, ascending=False, kind="stable").head(n)
+    return frame.sample(n=n, random_state=seed)
+
+
+def known_facts_candidates(kinds: Sequence[str] = tuple(FACT_KINDS), n: int | None = KNOWN_FACTS_N, seed: int = 0,
                            sources: Mapping[str, str | Path] | None = None,
                            aliases: Mapping[str, Sequence[str]] = ANSWER_ALIASES) -> list[ConflictExample]:
     """Entity-substitution conflict examples, not yet filtered by what the model knows (see :func:`filter_known`).
 
-    For each kind (a key of :data:`FACT_KINDS`) the ``n`` most popular rows of its entity dataset are read; the
-    substituted context states an answer drawn (seeded, uniformly over the kind's distinct answers) from the same
-    column that matches none of the true answers. ``sources`` maps an entity dataset name to a file or HF id.
+    For each kind (a key of :data:`FACT_KINDS`) the ``n`` most popular rows of that kind are read from its entity
+    dataset; the substituted context states an answer drawn (seeded, uniformly over the kind's distinct answers)
+    from the same column that matches none of the true answers, so it is an answer of the same kind (a country for
+    a country). ``sources`` maps an entity dataset name to a file or HF id.
     """
     unknown = [k for k in kinds if k not in FACT_KINDS]
     if unknown or not kinds:
@@ -218,7 +280,7 @@ def known_facts_candidates(kinds: Sequence[str] = tuple(FACT_KINDS), n: int | No
     examples: list[ConflictExample] = []
     for name in kinds:
         kind = FACT_KINDS[name]
-        facts = _facts(kind, load_entities(kind.dataset, n=n, seed=seed, source=sources.get(kind.dataset)).frame)
+        facts = _facts(kind, _kind_rows(kind, n, seed, sources.get(kind.dataset)))
         pool = sorted({a for answers in facts["answer"] for a in answers})
         spellings = {a: {normalize_answer(x) for x in _with_aliases([a], aliases)} for a in pool}
         for subject, answers in zip(facts["subject"], facts["answer"]):
@@ -280,7 +342,13 @@ def filter_known(model: ModelHandle, examples: Sequence[ConflictExample],
     """The examples whose original answer the model gives closed book (exact match), in the order given."""
     if not examples:
         raise ValueError("no examples to filter")
-    answers = closed_book_answers(model, examples, demonstrations, **generation)
+    return answered_correctly(examples, closed_book_answers(model, examples, demonstrations, **generation))
+
+
+def answered_correctly(examples: Sequence[ConflictExample], answers: Sequence[str]) -> list[ConflictExample]:
+    """The examples whose answer matches one of their original answers (exact match), in the order given."""
+    if len(answers) != len(examples):
+        raise ValueError(f"{len(answers)} answers for {len(examples)} examples")
     return [e for e, a in zip(examples, answers) if exact_match(a, e.org_answers)]
 
 
@@ -329,16 +397,78 @@ def load_examples(path: str | Path) -> list[ConflictExample]:
     return [ConflictExample(**{k: tuple(v) if isinstance(v, list) else v for k, v in r.items()}) for r in rows]
 
 
-def known_facts(model: ModelHandle, n: int | None = 500, seed: int = 0, cache: str | Path | None = None,
+def known_facts_path(model_name: str) -> Path:
+    """Where the known facts of a model are cached: ``data/known_facts/<model>.jsonl.gz``."""
+    return KNOWN_FACTS_DIR / f"{model_name.replace('/', '--')}.jsonl.gz"
+
+
+def build_known_facts(model: ModelHandle, kinds: Sequence[str] = tuple(FACT_KINDS), n: int | None = KNOWN_FACTS_N,
+                      seed: int = 0, max_per_kind: int | None = KNOWN_FACTS_MAX_PER_KIND,
+                      **generation) -> list[ConflictExample]:
+    """The candidates of :func:`known_facts_candidates` that ``model`` answers correctly closed book, at most
+    ``max_per_kind`` of each kind (keyword arguments go to :func:`generate_answers`)."""
+    return cap_per_kind(filter_known(model, known_facts_candidates(kinds, n=n, seed=seed), **generation),
+                        max_per_kind)
+
+
+def known_facts(model: ModelHandle, n: int | None = KNOWN_FACTS_N, seed: int = 0, cache: str | Path | None = None,
                 progress: bool = True) -> list[ConflictExample]:
-    """The known-facts conflict set of ``model``: read from ``cache`` (default ``data/known_facts/<model>.jsonl.gz``)
-    if it exists, else built from the entity datasets, filtered by closed-book answers and saved there."""
-    path = Path(cache) if cache is not None else KNOWN_FACTS_DIR / f"{model.name.replace('/', '--')}.jsonl.gz"
+    """The known-facts conflict set of ``model``: read from ``cache`` (default :func:`known_facts_path`) if it
+    exists, else built by :func:`build_known_facts` and saved there."""
+    path = Path(cache) if cache is not None else known_facts_path(model.name)
     if path.is_file():
         return load_examples(path)
-    examples = filter_known(model, known_facts_candidates(n=n, seed=seed), progress=progress)
+    examples = build_known_facts(model, n=n, seed=seed, progress=progress)
     save_examples(examples, path)
     return examples
+
+
+def kind_counts(examples: Sequence[ConflictExample]) -> dict[str, int]:
+    """How many examples of each kind, most frequent first."""
+    counts: dict[str, int] = {}
+    for e in examples:
+        counts[e.kind] = counts.get(e.kind, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def cap_per_kind(examples: Sequence[ConflictExample], limit: int | None) -> list[ConflictExample]:
+    """The first ``limit`` examples of each kind (all with ``None``), in the order given."""
+    seen: dict[str, int] = {}
+    kept = []
+    for e in examples:
+        seen[e.kind] = seen.get(e.kind, 0) + 1
+        if limit is None or seen[e.kind] <= limit:
+            kept.append(e)
+    return kept
+
+
+def _output_path(out: Path | None, model: str, overwrite: bool, update_shipped: bool) -> Path:
+    """The file to write: an existing one only with ``overwrite``, the shipped one only with ``update_shipped``."""
+    path = out or known_facts_path(model)
+    if path.exists():
+        if not overwrite:
+            raise FileExistsError(f"{path} exists; pass --overwrite to rebuild it")
+        check_not_shipped(path, update_shipped)
+    return path
+
+
+def _save_answers(candidates: Sequence[ConflictExample], answers: Sequence[str], path: Path) -> None:
+    """Each candidate's kind, question, original answers and closed-book answer, as gzip JSON lines."""
+    with atomic_file(path) as tmp, gzip.open(tmp, "wt", encoding="utf-8") as f:
+        for e, a in zip(candidates, answers):
+            f.write(json.dumps({"kind": e.kind, "question": e.question, "org_answers": e.org_answers,
+                                "answer": a, "correct": exact_match(a, e.org_answers)}) + "\n")
+
+
+def _kind_list(text: str) -> list[str]:
+    """``--kinds``: comma-separated keys of :data:`FACT_KINDS`."""
+    import argparse
+
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in FACT_KINDS]
+    if unknown or not kinds:
+        raise argparse.ArgumentTypeError(f"unknown or no fact kinds {unknown or text!r}; known: {','.join(FACT_KINDS)}")
+    return kinds
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -348,17 +478,33 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = ArgumentParser(main.__doc__)
     parser.add_argument("--model", default="embedded")
-    parser.add_argument("--n", type=positive_int, default=500, help="most popular rows read per fact kind")
+    parser.add_argument("--kinds", type=_kind_list, default=list(FACT_KINDS),
+                        help=f"fact kinds, comma-separated (default all: {','.join(FACT_KINDS)})")
+    parser.add_argument("--n", type=positive_int, default=KNOWN_FACTS_N, help="most popular rows read per fact kind")
+    parser.add_argument("--max-per-kind", type=positive_int, default=KNOWN_FACTS_MAX_PER_KIND,
+                        help="known facts kept per kind, the most popular first (keeps one kind from dominating)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="prompts answered at once")
     parser.add_argument("--out", type=Path, default=None, help="default: data/known_facts/<model>.jsonl.gz")
+    parser.add_argument("--answers", type=Path, default=None,
+                        help="also write every candidate's closed-book answer here (gzip JSON lines)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    parser.add_argument("--update-shipped", action="store_true",
+                        help="allow replacing a file in the shipped data/ folder (the embedded model's facts)")
     args = parser.parse_args(argv)
-    path = args.out or KNOWN_FACTS_DIR / f"{args.model.replace('/', '--')}.jsonl.gz"
-    if path.exists():
-        raise FileExistsError(f"{path} exists; remove it to rebuild")
+    path = _output_path(args.out, args.model, args.overwrite, args.update_shipped)
+    candidates = known_facts_candidates(args.kinds, n=args.n, seed=args.seed)
     model = load_model(args.model)
-    examples = known_facts(model, args.n, args.seed, path)
-    kinds = {k: sum(e.kind == k for e in examples) for k in FACT_KINDS}
-    print(f"{len(examples)} known facts {kinds} -> {path}")
+    answers = closed_book_answers(model, candidates, batch_size=args.batch_size)
+    if args.answers:
+        _save_answers(candidates, answers, args.answers)
+    known = answered_correctly(candidates, answers)
+    if not known:
+        raise ValueError(f"{args.model} answers none of the {len(candidates)} candidates correctly; nothing saved")
+    examples = cap_per_kind(known, args.max_per_kind)
+    save_examples(examples, path, overwrite=True)
+    print(f"{len(examples)} known facts -> {path}\nper kind: {kind_counts(examples)}")
+    print(f"answered correctly closed book: {kind_counts(known)} of candidates {kind_counts(candidates)}")
 
 
 if __name__ == "__main__":

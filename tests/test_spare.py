@@ -100,7 +100,7 @@ def test_split_and_exact_match_rate():
 
 def test_run_writes_the_contract(tiny, tmp_path, monkeypatch):
     examples = [ConflictExample(f"Where is place {i}?", f"Place {i} is in Aland.", ("Aland",),
-                                f"Place {i} is in Bland.", ("Bland",)) for i in range(20)]
+                                f"Place {i} is in Bland.", ("Bland",), kind=f"kind{i % 2}") for i in range(20)]
     # a random model answers at random: make half the training answers "context" and half "memory"
     cycle = iter(range(10_000))
     monkeypatch.setattr(spare, "group_by_behaviour",
@@ -122,6 +122,9 @@ def test_run_writes_the_contract(tiny, tmp_path, monkeypatch):
     assert len(saved["tuning"]["actadd_to_memory"]["val_exact_match"]) == 2  # prompt only / prompt+generated
     assert saved["spare_layers"] == [1] and results["n"] == {"train": 12, "val": 4, "test": 4}
     assert saved["sae_hooks"] == {"1": "blocks.1.hook_resid_pre"}
+    kinds = saved["known_facts_kinds"]
+    assert kinds["all"] == {"kind0": 10, "kind1": 10}
+    assert {k: sum(kinds[k].values()) for k in ("train", "val", "test")} == results["n"]
     assert (tmp_path / "steering.html").is_file() and (tmp_path / "latents_layer1.html").is_file()
     for target in ("steer_to_context", "steer_to_memory"):
         for method, entry in saved["exact_match"][target].items():
