@@ -162,6 +162,18 @@ def report_tables(results: dict) -> list[Table]:
                                                    "R², block held out"], blocks)]
 
 
+def control_tables(results: dict) -> list[Table]:
+    """Peak test R² over the layers of each dataset's probe and of its controls (none when the run had none)."""
+    if not results.get("controls"):
+        return []
+    rows = [[name, max(results["datasets"][name]["r2"]), *(max(c[key]) for key in CONTROL_STYLES)]
+            for name, c in results["controls"].items()]
+    return [Table("Controls (peak test R² over the layers)",
+                  ["dataset", "trained weights", *(label for label, _ in CONTROL_STYLES.values())], rows,
+                  "The same probe on a model of the same config with random weights (what the tokens alone give) "
+                  "and on shuffled targets (what the probe fits from noise).")]
+
+
 def figures(results: dict, runs: dict) -> dict[str, go.Figure]:
     """Every figure of a run, by file stem."""
     figs = {"r2_by_layer": r2_by_layer(results), "spearman_by_layer": r2_by_layer(results, "spearman"),
@@ -184,5 +196,6 @@ def write_all(results: dict, runs: dict, out: Path) -> list[Path]:
     figs = figures(results, runs)
     settings = {"model": results["model"], "entities per dataset": results.get("n"),
                 "templates": results.get("templates"), "complete": results.get("complete")}
-    page = Page(f"Space and time probes: {results['model']}", settings, report_tables(results), figs)
+    page = Page(f"Space and time probes: {results['model']}", settings,
+                [*report_tables(results), *control_tables(results)], figs)
     return [*(write_figure(fig, out / f"{name}.html") for name, fig in figs.items()), write_report(out, page)]

@@ -37,7 +37,7 @@ def test_cli_writes_the_contract(embedded, tmp_path, monkeypatch):
     r2_figure = (tmp_path / "r2_by_layer.html").read_text()
     assert '"name":"random weights"' in r2_figure and '"name":"shuffled targets"' in r2_figure
     page = check_report(tmp_path)
-    assert "scikit-learn R²" in page and "world_place" in page
+    assert "scikit-learn R²" in page and "world_place" in page and "Controls (peak test R²" in page
     assert draws_shipped_outlines(tmp_path / "world_place_predictions.html")
 
 
