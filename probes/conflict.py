@@ -474,7 +474,7 @@ def _kind_list(text: str) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     """Build and save the known-facts conflict set of a model."""
     from probes.cli_args import ArgumentParser, positive_int
-    from probes.models import load_model
+    from probes.models import layer_count, load_model
 
     parser = ArgumentParser(main.__doc__)
     parser.add_argument("--model", default="embedded")
@@ -493,6 +493,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="allow replacing a file in the shipped data/ folder (the embedded model's facts)")
     args = parser.parse_args(argv)
     path = _output_path(args.out, args.model, args.overwrite, args.update_shipped)
+    layer_count(args.model)  # an unknown model is refused before the candidates are built
     candidates = known_facts_candidates(args.kinds, n=args.n, seed=args.seed)
     model = load_model(args.model)
     answers = closed_book_answers(model, candidates, batch_size=args.batch_size)

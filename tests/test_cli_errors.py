@@ -46,6 +46,8 @@ CASES = [
     ("steering.train_saes", ["--model", "random:llama", "--layers", "2-9"], "out of range"),
     ("steering.train_saes", ["--model", NO_MODEL, "--layers", "1", "--k", "-1"], "--k: '-1' is not a positive"),
     ("probes.conflict", ["--model", NO_MODEL, "--n", "0"], "--n: '0' is not a positive"),
+    ("probes.conflict", ["--model", NO_MODEL, "--kinds", "city_state,moons"], "unknown or no fact kinds ['moons']"),
+    ("probes.conflict", ["--model", NO_MODEL], f"unknown model '{NO_MODEL}'"),
 ]
 
 
