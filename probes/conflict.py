@@ -8,6 +8,7 @@ answer means the model uses the context; answering with the original answer mean
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import json
 import re
@@ -462,8 +463,6 @@ def _save_answers(candidates: Sequence[ConflictExample], answers: Sequence[str],
 
 def _kind_list(text: str) -> list[str]:
     """``--kinds``: comma-separated keys of :data:`FACT_KINDS`."""
-    import argparse
-
     kinds = [k.strip() for k in text.split(",") if k.strip()]
     unknown = [k for k in kinds if k not in FACT_KINDS]
     if unknown or not kinds:
