@@ -8,7 +8,7 @@ from tests.notebook_runner import figures, run_notebook
 from tests.numerics import FLOAT32_REL
 
 SMALL = {"MODEL": "embedded-refuser", "PROMPTS": ["The Eiffel Tower is in", "Tokyo is the capital of"],
-         "PROBE_LAYER": 4, "N_PLACES": 100, "DIRECTION_LAYER": 15, "N_INSTRUCTIONS": 8, "N_SHOW": 1,
+         "PROBE_LAYER": 4, "N_PLACES": 100, "DIRECTION_LAYER": 21, "N_INSTRUCTIONS": 8, "N_SHOW": 1,
          "MAX_NEW_TOKENS": 4}
 
 
