@@ -96,6 +96,6 @@ def test_notebook_runs_and_shows_the_figures(tmp_path):
     names = [t["name"] for t in r2_fig["data"]]
     assert [n for n in names if n in space_time.ALL_DATASETS] == list(space_time.ALL_DATASETS)
     assert names.count("random weights") == names.count("shuffled targets") == len(space_time.ALL_DATASETS)
-    assert sum("scattergeo" in k for k in kinds) == 3  # world, US and NYC maps
+    assert sum(any(t.get("name") == "predicted" for t in f["data"]) for f in figs) == 3  # world, US and NYC maps
     assert any(k == {"bar"} for k in kinds)  # held-out blocks
     assert (tmp_path / "nb" / "headline_predictions.html").is_file()
