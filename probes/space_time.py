@@ -5,7 +5,8 @@
 
 For each dataset: activations at the last token of the entity under each prompt template, one ridge probe per layer
 fitted on the train split and scored on the test split (R², Spearman), then held-out blocks (a country, state,
-borough, art type, category or decade unseen in training), and the single "space/time neurons" of the MLP.
+borough, art type, category or decade unseen in training), and the single "space/time neurons" of the MLP. Controls
+(``--no-controls`` skips them): the same probe on a random-weights twin of the model and on shuffled targets.
 Writes ``OUT/results.json``, HTML figures and the report page ``OUT/index.html``.
 """
 
