@@ -9,8 +9,9 @@ STAMP  := $(VENV)/.installed
 CONSTRAINTS ?= -c constraints.txt
 OUT    ?= runs/demo
 export HF_HUB_OFFLINE ?= 1
+SUDO   := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: demo test test-slow bench lab lock upgrade clean-venv
+.PHONY: demo test test-slow test-browser bench lab lock upgrade clean-venv
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -33,6 +34,18 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# In headless Chromium with the network off (not part of `make test`): JupyterLab runs the quick-start notebook and
+# notebook 01 with small parameters, then the demo's report pages open from disk ($(OUT), made by `make demo` if
+# missing); fails on a cell error, a figure not drawn or a request off this machine; screenshots to docs/screenshots/.
+# Installs Debian's chromium (apt-get, as root or with sudo) and playwright in $(VENV) if missing.
+test-browser: $(STAMP)
+	@command -v chromium >/dev/null || { command -v apt-get >/dev/null \
+		|| { echo "test-browser needs chromium; no apt-get here: install it, on PATH as chromium"; exit 1; }; \
+		$(SUDO) apt-get install -y chromium || { $(SUDO) apt-get update && $(SUDO) apt-get install -y chromium; }; }
+	$(PY) -c "import playwright" 2>/dev/null || $(PY) -m pip install -q playwright $(CONSTRAINTS)
+	test -f $(OUT)/index.html || $(MAKE) demo
+	$(PY) tests/browser/check_browser.py --demo $(OUT)/index.html
 
 # JupyterLab on the project's environment, opened on notebooks/; needs no network (plotly renders from its
 # installed JupyterLab extension).
