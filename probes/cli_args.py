@@ -105,9 +105,10 @@ def layer_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
-def check_layers(layers: Sequence[int] | None, n_layers: int, model: str) -> None:
-    """Refuse layers the model does not have (known before its weights load: :func:`probes.models.layer_count`)."""
-    bad = [l for l in layers or [] if not 0 <= l < n_layers]
+def check_layers(layers: Sequence[int] | None, n_layers: int | None, model: str) -> None:
+    """Refuse layers the model does not have (known before its weights load: :func:`probes.models.layer_count`;
+    ``None``: not known yet, nothing checked)."""
+    bad = [l for l in layers or [] if n_layers is not None and not 0 <= l < n_layers]
     if bad:
         raise WorkbenchError(f"layer(s) {bad} out of range: model {model!r} has {n_layers} layers (0..{n_layers - 1})")
 
