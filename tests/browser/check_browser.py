@@ -35,17 +35,17 @@ DEMO = ROOT / "runs" / "demo" / "index.html"
 MAX_PNG_BYTES = 500_000
 VIEWPORT = {"width": 1280, "height": 1000}
 RUN_TIMEOUT_S = 1800
-# Small parameters per notebook ("{out}" is replaced by a scratch folder) and the screenshot each one leaves.
+# Small parameters per notebook, set after its own ("{out}" is replaced by a scratch folder).
 NOTEBOOK_PARAMS = {
-    "00_quickstart.ipynb": {"MODEL": "embedded-refuser", "PROMPTS": ["The Eiffel Tower is in", "Tokyo is the capital of"],
-                            "PROBE_LAYER": 12, "N_PLACES": 200, "DIRECTION_LAYER": 15, "N_INSTRUCTIONS": 8,
-                            "N_SHOW": 1, "MAX_NEW_TOKENS": 8, "OUT": "{out}"},
+    "00_quickstart.ipynb": {"N_PLACES": 200, "N_INSTRUCTIONS": 8, "N_SHOW": 1, "MAX_NEW_TOKENS": 12, "OUT": "{out}"},
     "01_space_time.ipynb": {"MODEL": "embedded",
                             "DATASETS": ["world_place", "us_place", "nyc_place", "art", "historical_figure",
                                          "headline"],
                             "N": 100, "TEMPLATES": ["empty", "question"], "OUT": "{out}"},
 }
-SCREENSHOTS = {"00_quickstart.ipynb": "quickstart.png", "01_space_time.ipynb": "space_time_maps.png"}
+# Screenshots per notebook: file name, and the code that starts the cell shown at the top.
+SCREENSHOTS = {"00_quickstart.ipynb": [("quickstart_probe.png", "px.scatter("), ("quickstart_steer.png", "side_by_side(")],
+               "01_space_time.ipynb": [("space_time_maps.png", "figures = ")]}
 MIN_OUTLINED_MAPS = {"01_space_time.ipynb": 2}  # world and US (NYC is too small for the shipped outlines)
 # JupyterLab settings for the check: every cell in the DOM (so every figure draws), no news or update checks.
 LAB_SETTINGS = {
@@ -120,15 +120,14 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def prepare_notebook(name: str, folder: Path) -> Path:
-    """A copy of notebooks/name in ``folder`` with its parameters cell set to NOTEBOOK_PARAMS[name]."""
+    """A copy of notebooks/name in ``folder`` with NOTEBOOK_PARAMS[name] set at the end of its parameters cell."""
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     if len(cells) != 1:
         sys.exit(f"{name} needs exactly one cell tagged 'parameters'")
     out = folder / f"out_{Path(name).stem}"
     params = {k: (str(out) if v == "{out}" else v) for k, v in NOTEBOOK_PARAMS[name].items()}
-    if params:
-        cells[0].source = "\n".join(f"{k} = {v!r}" for k, v in params.items())
+    cells[0].source += "".join(f"\n{k} = {v!r}" for k, v in params.items())
     path = folder / name
     nbformat.write(nb, path)
     return path
@@ -163,6 +162,7 @@ def run_all_cells(page: Page, url: str) -> float:
     """Open ``url`` (a notebook in JupyterLab), run all its cells from the Run menu; seconds taken to run them."""
     page.goto(url)
     page.wait_for_selector(".jp-NotebookPanel .jp-CodeCell", timeout=120_000)
+    page.locator(".jp-SideBar.jp-mod-left .lm-TabBar-tab.lm-mod-current").click()  # file browser closed: room
     wait_until(page, lambda: notebook_state(page)["status"] == "idle", 120, "the kernel to start")
     start = time.monotonic()
     menu(page, "Run", "Run All Cells")
@@ -244,6 +244,7 @@ def screenshot(page: Page, name: str, full_page: bool = False) -> Path:
     """A PNG of the page in docs/screenshots/name, cut shorter until it is under MAX_PNG_BYTES."""
     SHOTS.mkdir(parents=True, exist_ok=True)
     path = SHOTS / name
+    page.mouse.move(1, VIEWPORT["height"] - 1)  # off the figures: no hover labels or plotly toolbars
     height = page.evaluate("() => document.documentElement.scrollHeight") if full_page else VIEWPORT["height"]
     while True:
         clip = {"x": 0, "y": 0, "width": VIEWPORT["width"], "height": height}
@@ -266,20 +267,18 @@ def check_notebook(context: BrowserContext, base: str, token: str, folder: Path,
     print(f"{name}: ran in {seconds:.0f} s, {len(figures)} figures ({maps} maps, {outlined} with outlines drawn)")
     if outlined < MIN_OUTLINED_MAPS.get(name, 0):
         problems.append(f"{name}: {outlined} maps with outlines drawn, expected {MIN_OUTLINED_MAPS[name]}")
-    show_first_figure(page, map_first=maps > 0)
-    print(f"  screenshot: {screenshot(page, SCREENSHOTS[name]).relative_to(ROOT)}")
+    for file, code in SCREENSHOTS[name]:
+        scroll_to_cell(page, code)
+        print(f"  screenshot: {screenshot(page, file).relative_to(ROOT)}")
     page.close()
     return problems
 
 
-def show_first_figure(page: Page, map_first: bool) -> None:
-    """Scroll the notebook so that the cell holding its first map (or first figure) is at the top."""
-    page.evaluate("""(mapFirst) => {
-        const figs = [...document.querySelectorAll('.jp-NotebookPanel .js-plotly-plot')];
-        const fig = (mapFirst && figs.find(f => f.querySelector('.geolayer .geo') ||
-                     /locations|map/i.test(f.querySelector('.gtitle')?.textContent ?? ''))) || figs[0];
-        fig?.closest('.jp-Cell')?.scrollIntoView({block: 'start'});
-    }""", map_first)
+def scroll_to_cell(page: Page, code: str) -> None:
+    """Scroll the notebook so that the first code cell starting with ``code`` is at the top."""
+    page.evaluate("""(code) => [...document.querySelectorAll('.jp-NotebookPanel .jp-CodeCell')]
+        .find(c => c.querySelector('.jp-InputArea-editor')?.textContent.trim().startsWith(code))
+        ?.scrollIntoView({block: 'start'})""", code)
     page.wait_for_timeout(1000)
 
 
