@@ -33,6 +33,7 @@ NOTEBOOKS = ROOT / "notebooks"
 SHOTS = ROOT / "docs" / "screenshots"
 DEMO = ROOT / "runs" / "demo" / "index.html"
 MAX_PNG_BYTES = 500_000
+MAX_PAGE_HEIGHT = 1800
 VIEWPORT = {"width": 1280, "height": 1000}
 RUN_TIMEOUT_S = 1800
 # Small parameters per notebook, set after its own ("{out}" is replaced by a scratch folder).
@@ -41,11 +42,12 @@ NOTEBOOK_PARAMS = {
     "01_space_time.ipynb": {"MODEL": "embedded",
                             "DATASETS": ["world_place", "us_place", "nyc_place", "art", "historical_figure",
                                          "headline"],
-                            "N": 100, "TEMPLATES": ["empty", "question"], "OUT": "{out}"},
+                            "N": 300, "TEMPLATES": ["empty"], "OUT": "{out}"},
 }
 # Screenshots per notebook: file name, and the code that starts the cell shown at the top.
 SCREENSHOTS = {"00_quickstart.ipynb": [("quickstart_probe.png", "px.scatter("), ("quickstart_steer.png", "side_by_side(")],
                "01_space_time.ipynb": [("space_time_maps.png", "figures = ")]}
+REPORT_SHOTS = {"space_time": "report_space_time.png", "refusal": "report_refusal.png"}  # demo folder: screenshot
 MIN_OUTLINED_MAPS = {"01_space_time.ipynb": 2}  # world and US (NYC is too small for the shipped outlines)
 # JupyterLab settings for the check: every cell in the DOM (so every figure draws), no news or update checks.
 LAB_SETTINGS = {
@@ -241,11 +243,13 @@ def wait_for_figures(page: Page, selector: str, timeout_s: float = 60) -> list[d
 
 
 def screenshot(page: Page, name: str, full_page: bool = False) -> Path:
-    """A PNG of the page in docs/screenshots/name, cut shorter until it is under MAX_PNG_BYTES."""
+    """A PNG of the page (its top MAX_PAGE_HEIGHT pixels if ``full_page``) in docs/screenshots/name, cut shorter
+    until it is under MAX_PNG_BYTES."""
     SHOTS.mkdir(parents=True, exist_ok=True)
     path = SHOTS / name
     page.mouse.move(1, VIEWPORT["height"] - 1)  # off the figures: no hover labels or plotly toolbars
-    height = page.evaluate("() => document.documentElement.scrollHeight") if full_page else VIEWPORT["height"]
+    height = min(page.evaluate("() => document.documentElement.scrollHeight"), MAX_PAGE_HEIGHT) if full_page \
+        else VIEWPORT["height"]
     while True:
         clip = {"x": 0, "y": 0, "width": VIEWPORT["width"], "height": height}
         page.screenshot(path=path, full_page=full_page, clip=clip)
@@ -308,7 +312,7 @@ def check_demo(context: BrowserContext, index: Path) -> list[str]:
     problems = figure_problems(figures, str(index)) if figures else []
     count = len(figures)
     for link in links:
-        figures, _ = open_report(context, link)
+        figures, _ = open_report(context, link, REPORT_SHOTS.get(Path(urlparse(link).path).parent.name))
         problems += figure_problems(figures, link.removeprefix("file://")) if figures else []
         count += len(figures)
     if not links or not count:
