@@ -502,7 +502,7 @@ def main(argv: list[str] | None = None) -> None:
     if not known:
         raise ValueError(f"{args.model} answers none of the {len(candidates)} candidates correctly; nothing saved")
     examples = cap_per_kind(known, args.max_per_kind)
-    save_examples(examples, path, overwrite=True)
+    save_examples(examples, path, overwrite=args.overwrite)
     print(f"{len(examples)} known facts -> {path}\nper kind: {kind_counts(examples)}")
     print(f"answered correctly closed book: {kind_counts(known)} of candidates {kind_counts(candidates)}")
 

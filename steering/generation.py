@@ -8,6 +8,7 @@ from typing import Callable, ContextManager, Mapping, Sequence
 import pandas as pd
 import torch
 
+from probes.cache import pad_token_ids
 from probes.errors import as_list
 from probes.devices import Halving
 from probes.models import ModelHandle
@@ -22,17 +23,7 @@ def chat_token_ids(model: ModelHandle, instructions: Sequence[str]) -> list[list
 
 def pad(model: ModelHandle, ids: Sequence[Sequence[int]], side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
     """Token-id lists padded into one batch on the model's device: (input_ids, attention mask as long)."""
-    if side not in ("left", "right"):
-        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
-    width = max(map(len, ids))
-    pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
-    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for row, seq in enumerate(ids):
-        cols = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
-        input_ids[row, cols] = torch.tensor(list(seq), dtype=torch.long)
-        mask[row, cols] = 1
-    return input_ids.to(model.device), mask.to(model.device)
+    return pad_token_ids(model, ids, side, model.device)
 
 
 def left_pad(model: ModelHandle, ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:

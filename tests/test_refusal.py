@@ -7,7 +7,8 @@ from transformers import AutoModelForCausalLM
 from probes.models import load_model
 from steering import refusal
 from steering.directions import CandidateDirections, diff_in_means, outlier_dimensions
-from steering.generation import generate, next_token_logprobs
+from probes.cache import PAD_MULTIPLE
+from steering.generation import chat_token_ids, generate, last_token_logits, next_token_logprobs, pad
 from tests.numerics import FLOAT32_REL, assert_rel_close
 from tests.report_checks import check_comparison, check_rate, check_report
 
@@ -71,6 +72,18 @@ def test_left_padded_batches_give_the_same_next_token(embedded):
     alone = torch.cat([next_token_logprobs(embedded, [p]) for p in prompts])
     assert_rel_close(together, alone, dim=-1)
     assert len(generate(embedded, prompts, max_new_tokens=3, progress=False)) == 2
+
+
+def test_batches_padded_to_a_multiple_of_eight_give_the_unpadded_logits(embedded):
+    ids = chat_token_ids(embedded, ["Hi", "Name three rivers"])
+    assert all(len(row) % PAD_MULTIPLE for row in ids)  # so that padding is added to both
+    for side in ("left", "right"):
+        input_ids, mask = pad(embedded, ids, side)
+        assert input_ids.shape[1] % PAD_MULTIPLE == 0 and mask.sum(1).tolist() == [len(row) for row in ids]
+    with torch.no_grad():
+        plain = torch.cat([embedded.hf_model(torch.tensor([row], device=embedded.device)).logits[:, -1]
+                           for row in ids])
+    assert_rel_close(last_token_logits(embedded, ids), plain, dim=-1)
 
 
 def test_pipeline_writes_the_contract_and_a_loadable_checkpoint(tmp_path, device):

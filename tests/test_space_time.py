@@ -87,7 +87,7 @@ def test_unknown_dataset_or_template(embedded):
 
 def test_notebook_runs_and_shows_the_figures(tmp_path):
     nb = run_notebook("01_space_time.ipynb", {"MODEL": "embedded", "DATASETS": list(space_time.ALL_DATASETS),
-                                              "N": 100, "TEMPLATES": ["empty", "question"],
+                                              "N": 60, "TEMPLATES": ["empty"],
                                               "OUT": str(tmp_path / "nb")})
     figs = figures(nb)
     kinds = [{t["type"] for t in f["data"]} for f in figs]
