@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from probes.cli_args import (ArgumentParser, UsageError, add_placement_args, non_negative_float, placement,
                              positive_int, run_cli)
 from probes.datasets import load_refusal_instructions
+from probes.devices import is_offloaded
 from probes.errors import WorkbenchError
 from probes.files import atomic_file, atomic_write_json, prepare_run_folder, write_figure
 from probes.metrics import paired_bootstrap, rate_with_interval
@@ -358,6 +359,13 @@ def run(model: ModelHandle, out: Path, n_train: int = 128, n_val: int = 32, n_te
     orthogonalized in place. A folder holding a previous run's outputs is refused unless ``overwrite``, which
     removes them first (:func:`probes.files.prepare_run_folder`; the cache stays).
     """
+    if is_offloaded(model.hf_model):
+        raise WorkbenchError(
+            f"model {model.name!r} has weights offloaded to the CPU or disk (--max-memory/--offload-folder), and this "
+            "pipeline ends by orthogonalizing the weights in memory, which offloaded weights do not allow. Spread the "
+            "model over GPUs only (--device-map auto with enough GPU memory), or select the direction in Python "
+            "(score_candidates, select, save_selection, as notebook 02 does) and edit the checkpoint on disk: "
+            "python -m steering.orthogonalize --checkpoint PATH --direction OUT/direction.safetensors --out EDITED")
     prepare_run_folder(out, OUTPUTS, overwrite)
     data = {f"{kind}_{split}": load_refusal_instructions(split, kind)[:n]
             for kind in ("harmful", "harmless") for split, n in (("train", n_train), ("val", n_val), ("test", n_test))}

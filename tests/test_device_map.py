@@ -14,6 +14,7 @@ import torch
 from probes.cache import default_batch_tokens, extract, extract_group_means, residual_hooks
 from probes.cli_args import max_memory_arg, placement
 from probes.devices import OutOfMemory, follow, is_offloaded
+from probes.errors import WorkbenchError
 from probes.models import ModelLoadError, load_model
 from steering.generation import chat_token_ids, generate, left_pad
 from steering.hooks import ablate, add
@@ -167,3 +168,11 @@ def test_placement_options():
         max_memory_arg("20GiB")
     args = argparse.Namespace(device_map=None, max_memory={"cpu": "1GiB"}, offload_folder=None)
     assert placement(args)["device_map"] == "auto"
+
+
+def test_refusal_pipeline_refuses_offloaded_weights_before_any_work(spread, tmp_path):
+    from steering import refusal
+
+    with pytest.raises(WorkbenchError, match="offloaded to the CPU or disk.*steering.orthogonalize --checkpoint"):
+        refusal.run(spread, tmp_path / "run", n_train=2, n_val=2, n_test=2, progress=False)
+    assert not (tmp_path / "run").exists()
