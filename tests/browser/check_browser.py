@@ -247,7 +247,8 @@ def screenshot(page: Page, name: str, full_page: bool = False) -> Path:
     until it is under MAX_PNG_BYTES."""
     SHOTS.mkdir(parents=True, exist_ok=True)
     path = SHOTS / name
-    page.mouse.move(1, VIEWPORT["height"] - 1)  # off the figures: no hover labels or plotly toolbars
+    page.mouse.move(1, VIEWPORT["height"] - 1)  # off the figures: no hover labels
+    page.add_style_tag(content=".modebar-container { display: none !important; }")  # nor plotly's toolbar
     height = min(page.evaluate("() => document.documentElement.scrollHeight"), MAX_PAGE_HEIGHT) if full_page \
         else VIEWPORT["height"]
     while True:
