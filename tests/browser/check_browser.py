@@ -6,7 +6,7 @@ every plotly figure drew (map outlines included), then opens the demo's report p
 pages it links) from the file system and checks every figure drew. Every request not to this machine is refused and
 fails the check. Screenshots go to docs/screenshots/.
 
-    .venv/bin/python tests/browser/check_browser.py [--notebooks 01_space_time.ipynb ...] [--skip-demo]
+    .venv/bin/python tests/browser/check_browser.py [--notebooks 01_space_time.ipynb ...] [--demo PATH | --skip-demo]
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ NOTEBOOK_PARAMS = {
                             "N": 300, "TEMPLATES": ["empty"], "OUT": "{out}"},
 }
 # Screenshots per notebook: file name, and the code that starts the cell shown at the top.
-SCREENSHOTS = {"00_quickstart.ipynb": [("quickstart_probe.png", "px.scatter("), ("quickstart_steer.png", "side_by_side(")],
+SCREENSHOTS = {"00_quickstart.ipynb": [("quickstart_probe.png", "px.scatter("),
+                                       ("quickstart_steer.png", "side_by_side(")],
                "01_space_time.ipynb": [("space_time_maps.png", "figures = ")]}
 REPORT_SHOTS = {"space_time": "report_space_time.png", "refusal": "report_refusal.png"}  # demo folder: screenshot
 MIN_OUTLINED_MAPS = {"01_space_time.ipynb": 2}  # world and US (NYC is too small for the shipped outlines)
@@ -144,8 +145,8 @@ def menu(page: Page, bar_label: str, item_label: str) -> None:
 def notebook_state(page: Page) -> dict:
     """The open notebook's kernel status (as the status bar shows it: 'idle' once started) and input prompts."""
     return page.evaluate("""() => ({
-        status: ([...document.querySelectorAll('.jp-StatusBar-Widget')].map(e => e.textContent).join(' ').match(/\\| ([A-Z][a-z]+)/) ?? [])[1]
-                ?.toLowerCase(),
+        status: ([...document.querySelectorAll('.jp-StatusBar-Widget')].map(e => e.textContent).join(' ')
+                 .match(/\\| ([A-Z][a-z]+)/) ?? [])[1]?.toLowerCase(),
         prompts: [...document.querySelectorAll('.jp-NotebookPanel .jp-CodeCell .jp-InputPrompt')]
                  .map(e => e.textContent.trim())})""")
 
