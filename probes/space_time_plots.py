@@ -137,8 +137,10 @@ def heldout_bars(results: dict) -> go.Figure:
                                   ("r2_heldout", "block held out", "#f58518")]:
             fig.add_trace(go.Bar(x=blocks, y=[r[key] for r in rows], name=label, marker_color=color,
                                  legendgroup=key, showlegend=col == 1), row=1, col=col)
-    fig.update_layout(title="Generalisation to held-out blocks (test R² within the block)", barmode="group",
-                      template="plotly_white")
+    fig.update_layout(title="Generalisation to held-out blocks (test R² within the block; axis cut at -1)",
+                      barmode="group", template="plotly_white")
+    # a held-out R² of -150 would flatten every other bar: the axis stops at -1 (the report table has the values)
+    fig.update_yaxes(range=[-1, 1])
     return fig
 
 
