@@ -48,9 +48,10 @@ test-browser: $(STAMP)
 	$(PY) tests/browser/check_browser.py --demo $(OUT)/index.html
 
 # JupyterLab on the project's environment, opened on notebooks/; needs no network (plotly renders from its
-# installed JupyterLab extension).
+# installed JupyterLab extension; no news or update checks). As root (containers) it needs --allow-root.
 lab: $(STAMP)
-	$(PY) -m jupyter lab --notebook-dir=notebooks
+	$(PY) -m jupyter lab --notebook-dir=notebooks --LabApp.news_url= \
+		--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate $$([ "$$(id -u)" = 0 ] && echo --allow-root)
 
 # Pin what .venv holds now (local build tags such as +cpu dropped, so a CUDA build of the same torch matches).
 lock:
