@@ -55,8 +55,10 @@ def reference(model, ids: list[int]) -> dict[str, torch.Tensor]:
 
 
 def captured(model, ids: list[int], positions: list[int]) -> dict[str, torch.Tensor]:
-    """The residual stream at PRE and POST as the (possibly edited) plain model computes it: {hook: [n_pos, d]}."""
-    acts = extract(model, [ids], hooks=[PRE, POST], positions=positions, progress=False).acts[0]
+    """The residual stream at PRE and POST as the (possibly edited) plain model computes it: {hook: [n_pos, d]}.
+    Left-padded, as in generation: SpARE's edits land on the last column, which right padding fills with pads."""
+    acts = extract(model, [ids], hooks=[PRE, POST], positions=positions, padding_side="left",
+                   progress=False).acts[0]
     return {PRE: acts[:, 0], POST: acts[:, 1]}
 
 
