@@ -19,6 +19,7 @@ from typing import Any, Mapping, Sequence
 
 from probes.cli_args import ArgumentParser, run_cli
 from probes.files import atomic_write_text, write_plotlyjs
+from probes.readers import read_json
 
 REPORT = "index.html"
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222;padding:0 1em}
@@ -169,7 +170,7 @@ def write_index(folder: str | Path) -> Path:
     folder = Path(folder)
     tables = []
     for path in sorted(folder.glob("*/results.json"), key=lambda p: p.stat().st_mtime):  # in the order they ran
-        experiment, rows = headline(json.loads(path.read_text()))
+        experiment, rows = headline(read_json(path, "rerun that experiment into its folder with --overwrite"))
         report = path.parent / REPORT
         tables.append(Table(f"{path.parent.name} ({experiment})", ["", "value"], rows,
                             link=f"{path.parent.name}/{REPORT}" if report.is_file() else ""))

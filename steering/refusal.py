@@ -35,7 +35,7 @@ from probes.models import ModelHandle, load_model
 from probes.progress import progress_bar
 from probes.provenance import weights_fingerprint
 from probes.report import DIFFERENCE_COLUMNS, RATE_COLUMNS, Page, Table, difference_cells, rate_cells, write_report
-from probes.readers import CorruptFileError
+from probes.readers import CorruptFileError, read_json
 from steering.directions import CandidateDirections, diff_in_means
 from steering.generation import (answer_loss, chat_token_ids, generate, last_token_logits, next_token_logits,
                                  next_token_logprobs)
@@ -316,7 +316,7 @@ def load_selection(out: str | Path, model: ModelHandle) -> tuple[torch.Tensor, C
 def _cached(path: Path, make: Callable[[], Any], meta: dict) -> Any:
     """JSON results cached under ``path``, recomputed when the settings they were made with differ."""
     if path.is_file():
-        saved = json.loads(path.read_text())
+        saved = read_json(path, "delete it and rerun (it is recomputed)")
         if saved.get("meta") == meta:
             return saved["value"]
     value = make()
