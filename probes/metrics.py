@@ -40,13 +40,17 @@ def r2_score(y_true, y_pred) -> torch.Tensor | float:
                          "optionally with a leading layer axis")
     if t.shape[0] < 2:
         raise ValueError(f"need at least 2 samples, got {t.shape[0]}")
-    t = t.reshape(t.shape[0], -1)
-    p = p.reshape(*p.shape[: 1 + batched], -1)
-    ss_res = (t - p).square().sum(-2)  # [(L,) t]
-    ss_tot = (t - t.mean(0)).square().sum(0)  # [t]
-    exact = torch.where(ss_res == 0, 1.0, 0.0).to(F64)
-    r2 = torch.where(ss_tot > 0, 1 - ss_res / torch.where(ss_tot > 0, ss_tot, 1.0), exact).mean(-1)
+    r2 = _r2(t.reshape(t.shape[0], -1), p.reshape(*p.shape[: 1 + batched], -1))
     return r2 if batched else float(r2)
+
+
+def _r2(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """R² over the rows axis (-2) averaged over the targets (-1) of t [..., n, k] and p (broadcasting to it): one
+    computation for :func:`r2_score` and each resample of :func:`bootstrap_r2`."""
+    ss_res = (t - p).square().sum(-2)  # [..., k]
+    ss_tot = (t - t.mean(-2, keepdim=True)).square().sum(-2)  # [..., k]
+    exact = torch.where(ss_res == 0, 1.0, 0.0).to(F64)
+    return torch.where(ss_tot > 0, 1 - ss_res / torch.where(ss_tot > 0, ss_tot, 1.0), exact).mean(-1)
 
 
 def pearson(x, y) -> float:
@@ -157,8 +161,41 @@ def paired_bootstrap(a, b, n_resamples: int = 2000, seed: int = 0) -> dict:
     if x.shape != y.shape or len(x) == 0:
         raise ValueError(f"need paired scores of the same non-zero length, got {len(x)} and {len(y)}")
     diff = x - y
-    rows = torch.randint(len(diff), (n_resamples, len(diff)), generator=torch.Generator().manual_seed(seed))
-    means = diff[rows].mean(1)
-    low, high = (float(v) for v in torch.quantile(means, torch.tensor([0.025, 0.975], dtype=F64)))
+    low, high = _percentile_interval(diff[_resample_rows(len(diff), n_resamples, seed, diff.device)].mean(1))
     return {"difference": float(diff.mean()), "ci95": [low, high], "excludes_zero": bool(low > 0 or high < 0),
             "n": len(diff), "n_resamples": n_resamples, "seed": seed}
+
+
+def bootstrap_r2(y_true, y_pred, n_resamples: int = 2000, seed: int = 0, max_block: int = 1 << 22) -> dict:
+    """Test R² of predictions (exactly :func:`r2_score`: the mean of the per-target R² for e.g. latitude and
+    longitude) with a 95% percentile interval from resampling the test rows with replacement (seeded, so reruns
+    agree): how much the R² of a probe would move on another test split of this many entities.
+
+    y_true and y_pred: [n] or [n, t], the same shape, n >= 2. Resamples are scored in blocks of at most
+    ``max_block`` values, so memory stays bounded for large test splits. Returns ``{"r2", "ci95": [low, high],
+    "n", "n_resamples", "seed"}``.
+    """
+    t = _f64(y_true)
+    p = _f64(y_pred, t.device)
+    if p.shape != t.shape:
+        raise ValueError(f"y_pred {tuple(p.shape)} must have y_true's shape {tuple(t.shape)}")
+    r2 = r2_score(t, p)  # also refuses other than [n] / [n, t] and fewer than 2 rows
+    t, p = t.reshape(len(t), -1), p.reshape(len(p), -1)
+    rows = _resample_rows(len(t), n_resamples, seed, t.device)
+    per_block = max(1, max_block // t.numel())
+    low, high = _percentile_interval(torch.cat([_r2(t[r], p[r]) for r in rows.split(per_block)]))
+    return {"r2": r2, "ci95": [low, high], "n": len(t), "n_resamples": n_resamples, "seed": seed}
+
+
+def _resample_rows(n: int, n_resamples: int, seed: int, device: torch.device) -> torch.Tensor:
+    """Row indices [n_resamples, n] drawn with replacement from a seeded CPU generator (the same draws on every
+    device), moved to ``device``."""
+    if n_resamples < 1:
+        raise ValueError(f"need at least 1 resample, got {n_resamples}")
+    return torch.randint(n, (n_resamples, n), generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+def _percentile_interval(values: torch.Tensor) -> tuple[float, float]:
+    """The 2.5th and 97.5th percentiles (linear interpolation, as numpy's default) of the resampled statistics."""
+    low, high = torch.quantile(values, torch.tensor([0.025, 0.975], dtype=F64, device=values.device))
+    return float(low), float(high)

@@ -27,10 +27,11 @@ from probes.datasets import EntityData, load_entities
 from probes.errors import WorkbenchError, as_list
 from probes.files import atomic_write_json, prepare_run_folder
 from probes.linear import DEFAULT_ALPHAS, RidgeProbe
-from probes.metrics import haversine_km, proximity_error, r2_score, spearman
+from probes.metrics import bootstrap_r2, haversine_km, proximity_error, r2_score, spearman
 from probes.models import ModelHandle, load_model, random_twin
 from probes.positions import mark_span
 from probes.provenance import weights_fingerprint
+from probes.report import interval
 
 ALL_DATASETS = ("world_place", "us_place", "nyc_place", "art", "historical_figure", "headline")
 
@@ -50,7 +51,8 @@ BLOCK_COLUMNS = {"world_place": "country", "us_place": "state_name", "nyc_place"
 
 @dataclass
 class ProbeResult:
-    """One dataset under one template: per-layer test scores and the best layer's test predictions."""
+    """One dataset under one template: per-layer test scores and the best layer's test predictions; ``peak``: the
+    best layer with its test R² and 95% bootstrap interval over the test entities (:func:`bootstrap_r2`)."""
 
     dataset: str
     template: str
@@ -62,6 +64,7 @@ class ProbeResult:
     best_r2: float
     predictions: np.ndarray
     truth: np.ndarray
+    peak: dict
     extra: dict = field(default_factory=dict)
 
 
@@ -80,7 +83,8 @@ def _targets(data: EntityData, device) -> torch.Tensor:
 
 def fit_layers(acts: torch.Tensor, data: EntityData, alphas: Sequence[float] = DEFAULT_ALPHAS,
                template: str = "empty") -> ProbeResult:
-    """A ridge probe per layer on the train split; R² and Spearman on the test split."""
+    """A ridge probe per layer on the train split; R² and Spearman on the test split, and the best layer's R² with
+    its 95% bootstrap interval."""
     y = _targets(data, acts.device)
     train = torch.as_tensor(~data.is_test, device=acts.device)
     test = ~train
@@ -92,7 +96,7 @@ def fit_layers(acts: torch.Tensor, data: EntityData, alphas: Sequence[float] = D
     best = int(np.argmax(r2))
     return ProbeResult(data.name, template, list(range(acts.shape[1])), r2, rho,
                        [float(a) for a in probe.alpha_], best, r2[best], pred[best].cpu().numpy(),
-                       truth.cpu().numpy())
+                       truth.cpu().numpy(), {"layer": best, **bootstrap_r2(truth, pred[best])})
 
 
 def place_errors(result: ProbeResult) -> dict:
@@ -166,12 +170,13 @@ def shuffled_targets(data: EntityData, seed: int = 0) -> EntityData:
 
 
 def control_curves(twin: ModelHandle, acts: torch.Tensor, data: EntityData, template: str,
-                   alphas: Sequence[float] = DEFAULT_ALPHAS, seed: int = 0, progress: bool = True) -> dict:
-    """Test R² by layer of the same probe on the random-weights ``twin``'s activations and on ``acts`` (the probed
-    model's) with shuffled targets."""
+                   alphas: Sequence[float] = DEFAULT_ALPHAS, seed: int = 0, progress: bool = True
+                   ) -> dict[str, ProbeResult]:
+    """The same probe on the random-weights ``twin``'s activations and on ``acts`` (the probed model's) with
+    shuffled targets: test R² by layer and the peak's interval of each control, by control name."""
     twin_acts = entity_activations(twin, data, template, progress=progress)
-    return {"random_weights": fit_layers(twin_acts, data, alphas, template).r2,
-            "shuffled_targets": fit_layers(acts, shuffled_targets(data, seed), alphas, template).r2}
+    return {"random_weights": fit_layers(twin_acts, data, alphas, template),
+            "shuffled_targets": fit_layers(acts, shuffled_targets(data, seed), alphas, template)}
 
 
 def sklearn_reference_r2(acts_layer: torch.Tensor, data: EntityData, alphas: Sequence[float]) -> float:
@@ -207,13 +212,15 @@ def reproduce(model: ModelHandle, datasets: Sequence[str], n: int | None,
 
     ``on_dataset(results)`` is called after each dataset with the results so far (to save partial progress).
     ``controls`` adds ``results["controls"][dataset]``: test R² by layer (first template) of the same probe on a
-    random-weights twin of the model and on shuffled targets (:func:`control_curves`).
+    random-weights twin of the model and on shuffled targets (:func:`control_curves`), and
+    ``results["control_peaks"][dataset]``: each control's peak, as the dataset's own ``peak`` entry (the best layer,
+    its test R², 95% bootstrap interval over the test entities and n).
     """
     check_choices(datasets, templates)
     results: dict = {"model": model.name, "n": n, "templates": list(templates), "datasets": {}}
     twin = random_twin(model, seed) if controls else None
     if twin is not None:
-        results["controls"] = {}
+        results["controls"], results["control_peaks"] = {}, {}
         results["control_model"] = {"name": twin.name, "seed": seed,
                                     "weights_fingerprint": weights_fingerprint(twin)}
     runs_by_dataset: dict[str, dict[str, ProbeResult]] = {}
@@ -230,7 +237,7 @@ def reproduce(model: ModelHandle, datasets: Sequence[str], n: int | None,
         best = main.best_layer
         entry = {"targets": list(data.target_names), "layers": main.layers, "r2": main.r2, "spearman": main.spearman,
                  "best_layer": best, "best_r2": main.best_r2, "n_train": int((~data.is_test).sum()),
-                 "n_test": int(data.is_test.sum()), "alphas": main.alphas,
+                 "n_test": int(data.is_test.sum()), "alphas": main.alphas, "peak": main.peak,
                  "sklearn_ridgecv_r2_at_best_layer": sklearn_reference_r2(acts_main[:, best], data, alphas),
                  "templates": {t: {"r2": r.r2, "best_layer": r.best_layer, "best_r2": r.best_r2}
                                for t, r in runs.items()}}
@@ -242,8 +249,9 @@ def reproduce(model: ModelHandle, datasets: Sequence[str], n: int | None,
                                      hooks=[f"blocks.{neuron_layer}.mlp.hook_post"], progress=progress)[:, 0]
         entry["neurons"] = {"layer": neuron_layer, **neuron_analysis(neurons, data, neuron_ks, alphas)}
         if twin is not None:
-            results["controls"][name] = control_curves(twin, acts_main, data, TEMPLATES[name][templates[0]],
-                                                       alphas, seed, progress)
+            fits = control_curves(twin, acts_main, data, TEMPLATES[name][templates[0]], alphas, seed, progress)
+            results["controls"][name] = {control: fit.r2 for control, fit in fits.items()}
+            results["control_peaks"][name] = {control: fit.peak for control, fit in fits.items()}
         entry["seconds"] = time.perf_counter() - start
         results["datasets"][name] = entry
         runs_by_dataset[name] = runs
@@ -301,10 +309,10 @@ def main(argv: list[str] | None = None) -> dict:
     results = run(model, args.datasets.split(","), args.n, args.out, templates=args.templates.split(","),
                   overwrite=args.overwrite, controls=args.controls)
     for name, entry in results["datasets"].items():
-        print(f"{name:18s} best layer {entry['best_layer']:2d}  R² {entry['best_r2']:.3f}  "
+        print(f"{name:18s} best layer {entry['best_layer']:2d}  R² {entry['best_r2']:.3f} {interval(entry['peak'])}  "
               f"(sklearn RidgeCV at that layer {entry['sklearn_ridgecv_r2_at_best_layer']:.3f})")
-        for control, r2 in results.get("controls", {}).get(name, {}).items():
-            print(f"{'':18s} {control:16s} peak R² {max(r2):.3f}")
+        for control, peak in results.get("control_peaks", {}).get(name, {}).items():
+            print(f"{'':18s} {control:16s} peak R² {peak['r2']:.3f} {interval(peak)}")
     print(f"wrote {args.out / 'results.json'}")
     return results
 

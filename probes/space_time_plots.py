@@ -14,7 +14,7 @@ from plotly.subplots import make_subplots
 
 from probes.datasets import DATA_DIR
 from probes.files import write_figure
-from probes.report import REPORT, Page, Table, write_report
+from probes.report import REPORT, Page, Table, interval, write_report
 
 MAP_SCOPES = {"world_place": "world", "us_place": "usa", "nyc_place": "nyc"}
 # Country outlines shipped with the project (Natural Earth 1:110m, public domain; see data/geo/README.md): maps are
@@ -176,6 +176,21 @@ def control_tables(results: dict) -> list[Table]:
                   "and on shuffled targets (what the probe fits from noise).")]
 
 
+def peak_table(results: dict) -> Table:
+    """Peak test R² of each dataset's probe and of its controls (when the run had them) with 95% bootstrap
+    intervals, and the number of test entities they were resampled from (the same split for all three)."""
+    peaks = results.get("control_peaks", {})
+    labels = [label for label, _ in CONTROL_STYLES.values()] if peaks else []
+    rows = []
+    for name, e in results["datasets"].items():
+        cells = [e["peak"], *(peaks[name][key] for key in CONTROL_STYLES)] if peaks else [e["peak"]]
+        rows.append([name, *(f"{c['r2']:.3f} {interval(c)}" for c in cells), e["peak"]["n"]])
+    return Table("Peak test R² (95% bootstrap interval over test entities)",
+                 ["dataset", "trained weights", *labels, "n test"], rows,
+                 "At each probe's best layer, the test entities resampled with replacement (seeded): how much the R² "
+                 "would move on another test split of this size.")
+
+
 def figures(results: dict, runs: dict) -> dict[str, go.Figure]:
     """Every figure of a run, by file stem."""
     figs = {"r2_by_layer": r2_by_layer(results), "spearman_by_layer": r2_by_layer(results, "spearman"),
@@ -199,5 +214,5 @@ def write_all(results: dict, runs: dict, out: Path) -> list[Path]:
     settings = {"model": results["model"], "entities per dataset": results.get("n"),
                 "templates": results.get("templates"), "complete": results.get("complete")}
     page = Page(f"Space and time probes: {results['model']}", settings,
-                [*report_tables(results), *control_tables(results)], figs)
+                [*report_tables(results), *control_tables(results), peak_table(results)], figs)
     return [*(write_figure(fig, out / f"{name}.html") for name, fig in figs.items()), write_report(out, page)]

@@ -4,7 +4,7 @@ import torch
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import r2_score as sk_r2
 
-from probes.metrics import haversine_km, pearson, proximity_error, r2_score, spearman
+from probes.metrics import _resample_rows, bootstrap_r2, haversine_km, pearson, proximity_error, r2_score, spearman
 
 
 def test_r2_matches_sklearn_single_multi_and_batched():
@@ -20,6 +20,36 @@ def test_r2_matches_sklearn_single_multi_and_batched():
     const = np.ones(5)  # constant target: 1 when predicted exactly, else 0 (as scikit-learn)
     assert r2_score(const, const) == sk_r2(const, const) == 1.0
     assert r2_score(const, np.arange(5.0)) == sk_r2(const, np.arange(5.0)) == 0.0
+
+
+def noisy_predictions(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Two targets of different scales (as latitude and longitude) and predictions of R² about 0.5."""
+    rng = np.random.default_rng(seed)
+    truth = rng.normal(size=(n, 2)) * [10.0, 50.0]
+    return truth, truth + rng.normal(size=(n, 2)) * [8.0, 40.0]
+
+
+def test_bootstrap_r2_matches_a_direct_computation():
+    truth, pred = noisy_predictions(120)
+    entry = bootstrap_r2(truth, pred, n_resamples=300, seed=3)
+    assert entry["r2"] == r2_score(truth, pred) and entry["r2"] == pytest.approx(sk_r2(truth, pred), abs=1e-12)
+    rows = _resample_rows(120, 300, 3, torch.device("cpu")).numpy()
+    direct = [sk_r2(truth[r], pred[r]) for r in rows]  # uniform average over the targets, as the probes' R²
+    assert entry["ci95"] == pytest.approx(list(np.percentile(direct, [2.5, 97.5])), abs=1e-12)
+    low, high = entry["ci95"]
+    assert low < entry["r2"] < high and entry["n"] == 120
+    assert bootstrap_r2(truth, pred, n_resamples=300, seed=3, max_block=1000) == entry  # scored in blocks
+    single = bootstrap_r2(torch.tensor(truth[:, 0]), torch.tensor(pred[:, 0]))
+    assert single["r2"] == pytest.approx(sk_r2(truth[:, 0], pred[:, 0]), abs=1e-12)
+
+
+def test_bootstrap_r2_is_seeded_and_narrows_with_n():
+    truth, pred = noisy_predictions(400)
+    entry = bootstrap_r2(truth, pred)
+    assert entry == bootstrap_r2(truth, pred) and entry["n_resamples"] == 2000 and entry["seed"] == 0
+    assert bootstrap_r2(truth, pred, seed=1)["ci95"] != entry["ci95"]
+    widths = [np.diff(bootstrap_r2(*noisy_predictions(n, seed=n))["ci95"])[0] for n in (50, 400, 3200)]
+    assert widths[0] > widths[1] > widths[2] > 0
 
 
 def test_pearson_and_spearman_with_ties_match_scipy():
@@ -88,3 +118,11 @@ def test_bad_inputs_are_refused():
         proximity_error(np.zeros((5, 3)), np.zeros((5, 3)))
     with pytest.raises(ValueError, match="at least 2"):
         proximity_error(np.zeros((1, 2)), np.zeros((1, 2)))
+    with pytest.raises(ValueError, match="at least 2 samples, got 0"):
+        bootstrap_r2(np.zeros(0), np.zeros(0))
+    with pytest.raises(ValueError, match="shape"):
+        bootstrap_r2(np.zeros((5, 2)), np.zeros((5, 1)))
+    with pytest.raises(ValueError, match="shape"):
+        bootstrap_r2(np.zeros(5), np.zeros((3, 5)))  # a layer axis: one layer at a time
+    with pytest.raises(ValueError, match="at least 1 resample"):
+        bootstrap_r2(np.arange(5.0), np.arange(5.0), n_resamples=0)

@@ -27,18 +27,39 @@ def test_cli_writes_the_contract(embedded, tmp_path, monkeypatch):
         assert len(entry["r2"]) == len(entry["layers"]) == len(entry["spearman"]) == embedded.n_layers + 1
         assert entry["best_r2"] == pytest.approx(max(entry["r2"]))
         assert entry["best_layer"] == int(np.argmax(entry["r2"]))
+        check_peak(entry["peak"], entry["r2"], entry["n_test"])
+        assert entry["peak"]["layer"] == entry["best_layer"]
     assert results["datasets"]["world_place"]["targets"] == ["latitude", "longitude"]
     assert (tmp_path / "r2_by_layer.html").is_file() and (tmp_path / "world_place_predictions.html").is_file()
     assert set(results["controls"]) == {"world_place", "art"}
     for curves in results["controls"].values():
         assert set(curves) == {"random_weights", "shuffled_targets"}
         assert all(len(r2) == embedded.n_layers + 1 for r2 in curves.values())
+    assert set(results["control_peaks"]) == {"world_place", "art"}
+    for name, peaks in results["control_peaks"].items():
+        assert set(peaks) == {"random_weights", "shuffled_targets"}
+        for control, peak in peaks.items():
+            check_peak(peak, results["controls"][name][control], results["datasets"][name]["n_test"])
     assert results["control_model"]["weights_fingerprint"] != weights_fingerprint(embedded)
     r2_figure = (tmp_path / "r2_by_layer.html").read_text()
     assert '"name":"random weights"' in r2_figure and '"name":"shuffled targets"' in r2_figure
     page = check_report(tmp_path)
     assert "scikit-learn R²" in page and "world_place" in page and "Controls (peak test R²" in page
+    assert "Peak test R² (95% bootstrap interval over test entities)" in page
+    for name, entry in results["datasets"].items():
+        cells = [entry["peak"], *results["control_peaks"][name].values()]
+        row = "".join(f"<td>{c['r2']:.3f} [{c['ci95'][0]:.3f}, {c['ci95'][1]:.3f}]</td>" for c in cells)
+        assert f"<tr><td>{name}</td>{row}<td class=\"num\">{entry['n_test']}</td></tr>" in page
     assert draws_shipped_outlines(tmp_path / "world_place_predictions.html")
+
+
+def check_peak(peak: dict, r2_by_layer: list[float], n_test: int) -> None:
+    """A peak entry of results.json: the best layer's test R² (exactly the maximum over the layers) inside its 95%
+    bootstrap interval, resampled from the n test entities."""
+    low, high = peak["ci95"]
+    assert peak["r2"] == max(r2_by_layer) and peak["layer"] == int(np.argmax(r2_by_layer))
+    assert low <= peak["r2"] <= high and low < high
+    assert peak["n"] == n_test and peak["n_resamples"] == 2000
 
 
 def planted(n: int = 300, layers: int = 3, d: int = 40, seed: int = 0) -> tuple[torch.Tensor, EntityData]:
