@@ -439,6 +439,23 @@ def _run(model: ModelHandle, plan: _Plan, sink, padding_side: str, progress: boo
                 halving.run(batch, run_batch)
 
 
+def read_residual_pre(model: ModelHandle, layers: Sequence[int], read, **inputs) -> None:
+    """One forward pass of ``model.hf_model`` on ``inputs`` that hands the residual stream entering each block of
+    ``layers`` to ``read(layer, hidden)`` and stops after the last of them (the later blocks never run)."""
+    last = max(layers)
+    with contextlib.ExitStack() as stack:
+        for layer in layers:
+            def hook(hidden: torch.Tensor, layer: int = layer) -> None:
+                read(layer, hidden)
+                if layer == last:
+                    raise _StopForward
+            stack.callback(on_residual(model.architecture.blocks[layer], "pre", hook).remove)
+        try:
+            model.hf_model(**inputs, use_cache=False)
+        except _StopForward:
+            pass
+
+
 def _add_layer_hooks(stack: contextlib.ExitStack, layers, points: list[tuple[int, str]], store) -> None:
     """Hooks on the plain decoder layers (:func:`probes.architecture.on_residual`); the latest point in the network
     stops the pass."""

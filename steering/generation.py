@@ -1,4 +1,4 @@
-"""Batched greedy generation from chat prompts (left padding), on the plain HF model so steering hooks apply."""
+"""Batched generation (greedy or sampled) from chat or plain prompts (left padding), on the plain HF model so steering hooks apply."""
 
 from __future__ import annotations
 
@@ -33,25 +33,43 @@ def left_pad(model: ModelHandle, ids: Sequence[Sequence[int]]) -> tuple[torch.Te
 
 @torch.inference_mode()
 def generate(model: ModelHandle, instructions: Sequence[str], max_new_tokens: int = 32, batch_size: int = 32,
-             progress: bool = True) -> list[str]:
-    """Greedy completions of chat-formatted instructions, in the order given."""
-    ids = chat_token_ids(model, instructions)
+             progress: bool = True, temperature: float = 0.0, seed: int = 0) -> list[str]:
+    """Completions of chat-formatted instructions, in the order given: greedy, or sampled at ``temperature``."""
+    return generate_from_ids(model, chat_token_ids(model, instructions), max_new_tokens, batch_size, progress,
+                             temperature, seed)
+
+
+@torch.inference_mode()
+def generate_from_ids(model: ModelHandle, ids: Sequence[Sequence[int]], max_new_tokens: int = 32,
+                      batch_size: int = 32, progress: bool = True, temperature: float = 0.0, seed: int = 0
+                      ) -> list[str]:
+    """Completions of token-id prompts (chat-formatted or plain text), in the order given.
+
+    ``temperature`` 0 is greedy decoding; above 0 the next token is sampled from the full softmax at that
+    temperature (no top-k or top-p cut), from a torch generator seeded with ``seed`` (the global RNG is left
+    alone), so a run is reproducible on the same device with the same batch size."""
     if not ids:
-        raise ValueError("no instructions to generate from")
+        raise ValueError("no prompts to generate from")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     out: list[str] = [""] * len(ids)
     bar = progress_bar(total=len(ids), desc="generate", unit="prompt", progress=progress)
+    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else \
+        dict(do_sample=False)
 
     def run(rows: list[int]) -> None:
         input_ids, mask = left_pad(model, [ids[i] for i in rows])
         new = model.hf_model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                      do_sample=False, pad_token_id=model.tokenizer.pad_token_id)[:, input_ids.shape[1]:]
+                                      pad_token_id=model.tokenizer.pad_token_id, **sampling)[:, input_ids.shape[1]:]
         for i, text in zip(rows, model.tokenizer.batch_decode(new, skip_special_tokens=True)):
             out[i] = text
         bar.update(len(rows))
 
     halving = Halving("generate")  # out of device memory: half the batch, and on
-    with bar:
+    devices = [model.device] if torch.device(model.device).type == "cuda" else []
+    with bar, torch.random.fork_rng(devices=devices, enabled=temperature > 0):
+        torch.manual_seed(seed)
         for start in range(0, len(order), batch_size):
             halving.run(order[start:start + batch_size], run)
     return out

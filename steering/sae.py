@@ -56,13 +56,13 @@ def _check_acts(acts: torch.Tensor, d_in: int | None = None) -> None:
 
 
 def _training_sae(architecture: str, d_in: int, d_sae: int, l1_coefficient: float, k: int, l1_warm_up_steps: int,
-                  device: torch.device, metadata: dict) -> TrainingSAE:
+                  aux_coefficient: float, device: torch.device, metadata: dict) -> TrainingSAE:
     """A fresh SAELens training SAE of the given architecture (weights from the current torch RNG)."""
     common = dict(d_in=d_in, d_sae=d_sae, device=str(device), dtype="float32", metadata=SAEMetadata(**metadata))
     if architecture == "standard":
         return StandardTrainingSAE(StandardTrainingSAEConfig(
             l1_coefficient=l1_coefficient, l1_warm_up_steps=l1_warm_up_steps, **common))
-    return TopKTrainingSAE(TopKTrainingSAEConfig(k=k, **common))
+    return TopKTrainingSAE(TopKTrainingSAEConfig(k=k, aux_loss_coefficient=aux_coefficient, **common))
 
 
 def _batches(acts: torch.Tensor, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
@@ -87,8 +87,8 @@ def _inference_sae(training: TrainingSAE) -> SAE:
 def train_sae(acts: torch.Tensor, d_sae: int, l1_coefficient: float = 5.0, *, architecture: str = "standard",
               k: int = 32, epochs: float = 20.0, batch_size: int = 1024, lr: float = 1e-3,
               l1_warm_up_fraction: float = 0.05, lr_decay_fraction: float = 0.2, normalize: bool = True,
-              metadata: dict | None = None, seed: int = 0, device: str | torch.device | None = None,
-              progress: bool = True) -> SAE:
+              dead_window_tokens: int = 1_000_000, aux_coefficient: float = 1.0, metadata: dict | None = None,
+              seed: int = 0, device: str | torch.device | None = None, progress: bool = True) -> SAE:
     """Train an SAE on activations ``[n_tokens, d_in]`` with SAELens's trainer; returns SAELens's inference SAE.
 
     architecture: ``"standard"`` (ReLU with an L1 penalty of ``l1_coefficient`` on decoder-norm-weighted latents)
@@ -96,32 +96,41 @@ def train_sae(acts: torch.Tensor, d_sae: int, l1_coefficient: float = 5.0, *, ar
     data in shuffled batches; the L1 penalty warms up over the first ``l1_warm_up_fraction`` of the steps and the
     learning rate decays linearly to 0 over the last ``lr_decay_fraction`` (as in Anthropic's April 2024 update).
     With ``normalize``, activations are scaled to mean norm sqrt(d_in) during training (so ``l1_coefficient`` means
-    the same at every layer) and the scale is folded into the weights afterwards. ``metadata`` (e.g. ``model_name``,
+    the same at every layer) and the scale is folded into the weights afterwards.
+
+    Dead latents: SAELens's trainer counts a latent dead once it has not fired for ``dead_window_tokens`` training
+    tokens (rounded to whole batches); a top-k SAE then trains its dead latents to reconstruct the residual error
+    (the AuxK loss of Gao et al., 2024, weighted by ``aux_coefficient``; 0 turns it off). ``metadata`` (e.g. ``model_name``,
     ``layer`` and ``hook_name``, the hook point ``acts`` were read at, which decides where the SAE is applied) is
     stored in ``sae.cfg.metadata`` together with the training settings.
     """
     _check_acts(acts)
     if architecture not in ARCHITECTURES:
         raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
-    if d_sae < 1 or batch_size < 1 or epochs <= 0 or lr <= 0 or l1_coefficient < 0:
+    if d_sae < 1 or batch_size < 1 or epochs <= 0 or lr <= 0 or l1_coefficient < 0 or aux_coefficient < 0 \
+            or dead_window_tokens < 1:
         raise ValueError(f"d_sae, batch_size, epochs and lr must be positive and l1_coefficient non-negative, got "
                          f"d_sae={d_sae}, batch_size={batch_size}, epochs={epochs}, lr={lr}, "
-                         f"l1_coefficient={l1_coefficient}")
+                         f"l1_coefficient={l1_coefficient}, aux_coefficient={aux_coefficient}, "
+                         f"dead_window_tokens={dead_window_tokens}")
     if architecture == "topk" and not 1 <= k <= d_sae:
         raise ValueError(f"k must be in 1..d_sae={d_sae}, got {k}")
     device = torch.device(device) if device is not None else acts.device
     n, d_in = acts.shape
     batch_size = min(batch_size, n)
     steps = max(1, round(epochs * n / batch_size))
+    dead_window = max(1, -(-dead_window_tokens // batch_size))
     settings = dict(architecture=architecture, d_sae=d_sae, epochs=epochs, batch_size=batch_size, lr=lr,
-                    steps=steps, n_tokens=n, normalize=normalize, seed=seed,
-                    **({"l1_coefficient": l1_coefficient} if architecture == "standard" else {"k": k}))
+                    steps=steps, n_tokens=n, normalize=normalize, seed=seed, dead_window_steps=dead_window,
+                    **({"l1_coefficient": l1_coefficient} if architecture == "standard" else
+                       {"k": k, "aux_coefficient": aux_coefficient}))
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         training = _training_sae(architecture, d_in, d_sae, l1_coefficient, k, int(l1_warm_up_fraction * steps),
-                                 device, {**(metadata or {}), "training": settings})
+                                 aux_coefficient, device, {**(metadata or {}), "training": settings})
     data = _batches(acts.to(device), batch_size, torch.Generator().manual_seed(seed))
-    trainer = SAETrainer(cfg=_trainer_config(steps, batch_size, lr, int(lr_decay_fraction * steps), device),
+    trainer = SAETrainer(cfg=_trainer_config(steps, batch_size, lr, int(lr_decay_fraction * steps), dead_window,
+                                             device),
                          sae=training, data_provider=data)
     if normalize:
         trainer.activation_scaler.scaling_factor = d_in ** 0.5 / acts.float().norm(dim=-1).mean().item()
@@ -135,15 +144,22 @@ def train_sae(acts: torch.Tensor, d_sae: int, l1_coefficient: float = 5.0, *, ar
     return _inference_sae(training)
 
 
-def _trainer_config(steps: int, batch_size: int, lr: float, decay_steps: int, device: torch.device
-                    ) -> SAETrainerConfig:
+def _trainer_config(steps: int, batch_size: int, lr: float, decay_steps: int, dead_window: int,
+                    device: torch.device) -> SAETrainerConfig:
     """SAELens trainer settings: Adam, constant LR with a final linear decay, no wandb, no checkpoints."""
     return SAETrainerConfig(total_training_samples=steps * batch_size, train_batch_size_samples=batch_size, lr=lr,
                             lr_end=lr, lr_decay_steps=decay_steps, device=str(device),
+                            dead_feature_window=dead_window, feature_sampling_window=max(dead_window, 2000),
                             logger=LoggingConfig(log_to_wandb=False))
 
 
 # ---------------------------------------------------------------- files
+
+def float16_copy(sae: SAE) -> SAE:
+    """A copy of ``sae`` in float16, as :func:`save_sae` stores it (evaluate ``float16_copy(sae).float()`` to score
+    the shipped file rather than the float32 weights training ended with)."""
+    return copy.deepcopy(sae).to(dtype=torch.float16)
+
 
 def save_sae(sae: SAE, path: str | os.PathLike, metadata: dict | None = None, overwrite: bool = False) -> Path:
     """Write ``sae`` with SAELens's ``save_model`` (float16 safetensors + ``cfg.json``) into the folder ``path``.
@@ -159,7 +175,7 @@ def save_sae(sae: SAE, path: str | os.PathLike, metadata: dict | None = None, ov
         json.dumps(metadata or {}, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise ValueError(f"metadata must be JSON-serialisable (no NaN): {e}") from e
-    stored = copy.deepcopy(sae).to(device="cpu", dtype=torch.float16)
+    stored = float16_copy(sae).to(device="cpu")
     if not all(torch.isfinite(t).all() for t in stored.state_dict().values()):
         raise ValueError("the SAE weights overflow float16 (or are not finite); they cannot be stored in float16")
     for key, value in (metadata or {}).items():

@@ -316,19 +316,21 @@ def run_outputs() -> tuple[str, ...]:
 
 def report(model: ModelHandle, experiment: Experiment, out: Path, spare_grid: Sequence[EditSetting] | None = None,
            actadd_grid: Sequence[EditSetting] | None = None, dataset: str = "", progress: bool = True,
-           overwrite: bool = False) -> dict:
-    """Conflict probe, edit settings tuned on validation (default grids: :func:`edit_grid`), exact match on test;
+           overwrite: bool = False, tune_n: int | None = None) -> dict:
+    """Conflict probe, edit settings tuned on validation (default grids: :func:`edit_grid`; on its first ``tune_n``
+    examples if given, to spend less time: every setting answers every tuning prompt), exact match on test;
     writes ``OUT/results.json`` (DESIGN.md contract), the figures and the report page. A folder holding a previous
     run's outputs is refused unless ``overwrite``, which removes them first."""
     grids = {"actadd": actadd_grid or edit_grid("actadd"), "spare": spare_grid or edit_grid("spare")}
     start = time.perf_counter()
     prepare_run_folder(out, run_outputs(), overwrite)
     parts, steering, max_new_tokens = experiment.parts, experiment.steering, experiment.max_new_tokens
+    tuning = parts["val"][:tune_n]
     accuracy = conflict_probe(model, parts["train"], parts["test"], progress=progress)
     results: dict = {"model": model.name, "dataset": dataset, "layers": list(range(len(accuracy))),
                      "conflict_probe_accuracy": accuracy, "spare_layers": sorted(steering.latents),
                      "sae_hooks": dict(sorted(steering.hooks.items())),
-                     "n": {k: len(v) for k, v in parts.items()},
+                     "n": {**{k: len(v) for k, v in parts.items()}, "tuning": len(tuning)},
                      "known_facts_kinds": {"all": kind_counts([e for v in parts.values() for e in v]),
                                            **{k: kind_counts(v) for k, v in parts.items()}},
                      "behaviour_counts": {k: {g: v.count(g) for g in sorted(set(v))}
@@ -342,7 +344,7 @@ def report(model: ModelHandle, experiment: Experiment, out: Path, spare_grid: Se
         refs = references(parts["test"], target)
         matches = {"no_edit": exact_matches(experiment.answers["test"], refs)}
         for method, grid in grids.items():
-            best, curve = tune(model, steering, parts["val"], method, target, grid, max_new_tokens, progress)
+            best, curve = tune(model, steering, tuning, method, target, grid, max_new_tokens, progress)
             results["tuning"][f"{method}_to_{target}"] = {"setting": asdict(best), "label": best.label(method),
                                                          "val_exact_match": curve}
             matches[method] = exact_matches(
@@ -362,11 +364,11 @@ def report(model: ModelHandle, experiment: Experiment, out: Path, spare_grid: Se
 def run(model: ModelHandle, examples: Sequence[ConflictExample], saes: Mapping[int, object], out: Path,
         proportion: float = 0.01, spare_grid: Sequence[EditSetting] | None = None,
         actadd_grid: Sequence[EditSetting] | None = None, max_new_tokens: int = 8, seed: int = 0,
-        dataset: str = "", progress: bool = True, overwrite: bool = False) -> dict:
+        dataset: str = "", progress: bool = True, overwrite: bool = False, tune_n: int | None = None) -> dict:
     """The whole experiment on ``examples``: :func:`prepare` then :func:`report` (the folder checked first)."""
     prepare_run_folder(out, run_outputs(), overwrite)
     experiment = prepare(model, examples, saes, proportion, max_new_tokens, seed, progress)
-    return report(model, experiment, out, spare_grid, actadd_grid, dataset, progress, overwrite)
+    return report(model, experiment, out, spare_grid, actadd_grid, dataset, progress, overwrite, tune_n)
 
 
 def load_saes(model: ModelHandle, layers: Sequence[int] | None, sae_dir: Path | None = None,
@@ -434,6 +436,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--proportion", type=proportion, default=0.01, help="top proportion of latents by MI")
     parser.add_argument("--strengths", type=number_list, default=list(STRENGTHS),
                         help="edit strengths tried on validation, e.g. 0.5,2")
+    parser.add_argument("--tune-n", type=positive_int, default=None,
+                        help="validation examples the edit settings are tuned on (default: all of the split)")
     parser.add_argument("--max-new-tokens", type=positive_int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None)
@@ -449,7 +453,8 @@ def main(argv: list[str] | None = None) -> dict:
     examples = conflict_examples(model, args.dataset, args.n, args.seed)
     results = run(model, examples, saes, args.out, proportion=args.proportion,
                   spare_grid=edit_grid("spare", strengths), actadd_grid=edit_grid("actadd", strengths),
-                  max_new_tokens=args.max_new_tokens, seed=args.seed, dataset=args.dataset, overwrite=args.overwrite)
+                  max_new_tokens=args.max_new_tokens, seed=args.seed, dataset=args.dataset, overwrite=args.overwrite,
+                  tune_n=args.tune_n)
     best = max(range(len(results["conflict_probe_accuracy"])), key=results["conflict_probe_accuracy"].__getitem__)
     print(f"conflict probe: best layer {best}, accuracy {results['conflict_probe_accuracy'][best]:.3f}")
     for target in ("steer_to_context", "steer_to_memory"):

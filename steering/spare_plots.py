@@ -78,7 +78,7 @@ def report_tables(results: dict) -> list[Table]:
     tuned = Table("Settings tuned on validation", ["method, target", "setting"],
                   [[k.replace("_", " "), v["label"]] for k, v in results["tuning"].items()])
     split = Table("Examples", ["split", "n", "unedited behaviour"],
-                  [[k, n, ", ".join(f"{g} {c}" for g, c in results["behaviour_counts"].get(k, {}).items())]
+                  [[{"tuning": "val, tuned on"}.get(k, k), n, ", ".join(f"{g} {c}" for g, c in results["behaviour_counts"].get(k, {}).items())]
                    for k, n in results["n"].items()])
     return [rates, diffs, tuned, split]
 

@@ -48,6 +48,30 @@ def test_topk_sae_keeps_k_latents():
     assert stats["explained_variance"] > 0.7
 
 
+def superposed_acts(n: int, seed: int, n_features: int = 1024, d_in: int = 32) -> torch.Tensor:
+    """Activations of many more unit features (1,024) than dimensions (32), ~4 active per token: an SAE of fewer
+    latents than features is never short of something to learn, as on a real residual stream."""
+    dictionary = torch.nn.functional.normalize(torch.randn(n_features, d_in, generator=torch.Generator().manual_seed(0)),
+                                               dim=-1)
+    g = torch.Generator().manual_seed(seed)
+    on = torch.rand(n, n_features, generator=g) < 4 / n_features
+    return (on * (torch.rand(n, n_features, generator=g) + 0.5)) @ dictionary
+
+
+def test_auxk_loss_revives_dead_latents_of_a_topk_sae():
+    acts, heldout = superposed_acts(4000, seed=1), superposed_acts(2000, seed=2)
+    scores = {}
+    for aux in (0.0, 1.0):
+        sae = train_sae(acts, d_sae=256, architecture="topk", k=4, epochs=10, batch_size=128, lr=3e-3,
+                        aux_coefficient=aux, dead_window_tokens=1280, seed=1, progress=False)
+        scores[aux] = evaluate_sae(sae, heldout)
+        assert sae.cfg.metadata.training["aux_coefficient"] == aux
+        assert sae.cfg.metadata.training["dead_window_steps"] == 10  # 1,280 tokens in batches of 128
+    assert scores[0.0]["dead_fraction"] > 0.5  # without it most latents die ...
+    assert scores[1.0]["dead_fraction"] < scores[0.0]["dead_fraction"] - 0.2  # ... with it far fewer
+    assert scores[1.0]["explained_variance"] >= scores[0.0]["explained_variance"]
+
+
 def test_training_is_seeded():
     acts = sparse_acts(300, seed=1)
     a, b = (train_sae(acts, d_sae=16, epochs=2, batch_size=64, seed=3, progress=False) for _ in range(2))
@@ -64,6 +88,10 @@ def test_bad_input_is_refused(trained):
         train_sae(sparse_acts(10, 1), d_sae=8, architecture="gated", progress=False)
     with pytest.raises(ValueError, match="k must"):
         train_sae(sparse_acts(10, 1), d_sae=8, architecture="topk", k=9, progress=False)
+    with pytest.raises(ValueError, match="aux_coefficient"):
+        train_sae(sparse_acts(10, 1), d_sae=8, architecture="topk", k=2, aux_coefficient=-1, progress=False)
+    with pytest.raises(ValueError, match="dead_window_tokens"):
+        train_sae(sparse_acts(10, 1), d_sae=8, dead_window_tokens=0, progress=False)
     with pytest.raises(ValueError, match="d_in=32"):
         evaluate_sae(trained, torch.ones(5, D_IN + 1))
 

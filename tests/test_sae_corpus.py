@@ -3,15 +3,46 @@
 import pytest
 import torch
 
-from steering.sae_corpus import corpus, token_activations
+from steering.generation import generate, generate_from_ids
+from steering.sae_corpus import CorpusSettings, corpus, corpus_sources, token_activations
+
+SMALL = CorpusSettings(conflict_facts=4, instructions=6, answered=2, headlines=3, passages=2, continuations=3,
+                       answer_tokens=3, continuation_tokens=4)
 
 
-def test_corpus_mixes_conflict_prompts_instructions_answers_and_headlines(tiny):
-    texts = corpus(tiny, n_conflict=4, n_instructions=6, n_answers=2, n_headlines=3, progress=False)
-    assert len(texts) == 4 * 2 + 6 + 3
-    assert sum("context:" in t for t in texts) == 8
-    assert sum(tiny.tokenizer.eos_token in t or "<|" in t for t in texts) >= 6  # chat-formatted ones
-    assert texts == corpus(tiny, n_conflict=4, n_instructions=6, n_answers=2, n_headlines=3, progress=False)
+def test_corpus_mixes_every_source_in_the_asked_numbers(tiny):
+    sources = corpus_sources(tiny, SMALL, progress=False)
+    assert {k: len(v) for k, v in sources.items()} == {
+        "conflict_prompts": 8, "instructions_with_answers": 2, "instructions": 4, "headlines": 3, "passages": 2,
+        "continuations": 3}
+    assert all("context:" in t and t.endswith("answer:") for t in sources["conflict_prompts"])
+    chat = tiny.format_chat("x")
+    assert all(t.startswith(chat[:chat.index("x")]) for t in sources["instructions"] + sources["instructions_with_answers"])
+    assert not any("<P>" in t or "</P>" in t for t in sources["passages"])
+    texts = corpus(tiny, SMALL, progress=False)
+    assert sorted(texts) == sorted(t for v in sources.values() for t in v)
+    assert texts == corpus(tiny, SMALL, progress=False)  # seeded, sampling included
+    assert texts != corpus(tiny, SMALL, seed=1, progress=False)
+
+
+def test_corpus_settings_refuse_negative_counts_and_greedy_sampling():
+    with pytest.raises(ValueError, match="counts"):
+        CorpusSettings(headlines=-1)
+    with pytest.raises(ValueError, match="temperature"):
+        CorpusSettings(temperature=0)
+
+
+def test_sampled_generation_is_seeded_and_greedy_is_the_default(tiny):
+    prompts = ["Tell me about rivers.", "Name a colour."]
+    one = generate(tiny, prompts, 6, progress=False, temperature=1.0, seed=3)
+    assert one == generate(tiny, prompts, 6, progress=False, temperature=1.0, seed=3)
+    assert one != generate(tiny, prompts, 6, progress=False, temperature=1.0, seed=4)
+    greedy = generate(tiny, prompts, 6, progress=False)
+    assert greedy == generate(tiny, prompts, 6, progress=False, temperature=0.0, seed=9)
+    ids = [tiny.tokenizer("The river")["input_ids"]]
+    assert len(generate_from_ids(tiny, ids, 4, progress=False)) == 1
+    with pytest.raises(ValueError):
+        generate_from_ids(tiny, ids, 4, progress=False, temperature=-1)
 
 
 def test_token_activations_equal_hidden_states_at_real_tokens_after_the_first(tiny):

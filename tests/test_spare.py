@@ -108,7 +108,7 @@ def test_run_writes_the_contract(tiny, tmp_path, monkeypatch):
     saes = {1: make_sae(tiny.d_model, 32)}
     spare_grid = spare.edit_grid("spare", (0.0, 1.0), generated=(True,))
     results = spare.run(tiny, examples, saes, tmp_path, proportion=0.25, spare_grid=spare_grid,
-                        actadd_grid=spare.edit_grid("actadd", (1.0,)), max_new_tokens=3, progress=False)
+                        actadd_grid=spare.edit_grid("actadd", (1.0,)), max_new_tokens=3, progress=False, tune_n=3)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["layers"] == list(range(tiny.n_layers + 1))
     assert len(saved["conflict_probe_accuracy"]) == tiny.n_layers + 1
@@ -120,11 +120,11 @@ def test_run_writes_the_contract(tiny, tmp_path, monkeypatch):
     assert len(tuned["val_exact_match"]) == len(spare_grid) == 4
     assert spare.EditSetting(**tuned["setting"]) in spare_grid
     assert len(saved["tuning"]["actadd_to_memory"]["val_exact_match"]) == 2  # prompt only / prompt+generated
-    assert saved["spare_layers"] == [1] and results["n"] == {"train": 12, "val": 4, "test": 4}
+    assert saved["spare_layers"] == [1] and results["n"] == {"train": 12, "val": 4, "test": 4, "tuning": 3}
     assert saved["sae_hooks"] == {"1": "blocks.1.hook_resid_pre"}
     kinds = saved["known_facts_kinds"]
     assert kinds["all"] == {"kind0": 10, "kind1": 10}
-    assert {k: sum(kinds[k].values()) for k in ("train", "val", "test")} == results["n"]
+    assert {k: sum(kinds[k].values()) for k in ("train", "val", "test")} == {k: results["n"][k] for k in kinds if k != "all"}
     assert (tmp_path / "steering.html").is_file() and (tmp_path / "latents_layer1.html").is_file()
     for target in ("steer_to_context", "steer_to_memory"):
         for method, entry in saved["exact_match"][target].items():
