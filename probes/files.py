@@ -130,7 +130,7 @@ def atomic_folder(path: str | os.PathLike, overwrite: bool = False) -> Iterator[
     old = tmp.with_name(tmp.name.removesuffix(TMP_SUFFIX) + ".old" + TMP_SUFFIX)
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp creates 0700 whatever the umask
+        _umask_modes(tmp)
         _fsync_tree(tmp)
         if path.exists():
             if not overwrite:  # it appeared while the body ran
@@ -146,6 +146,18 @@ def atomic_folder(path: str | os.PathLike, overwrite: bool = False) -> Iterator[
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _umask_modes(folder: Path) -> None:
+    """Give ``folder`` and everything in it the umask's modes: mkdtemp creates 0700 and some writers (safetensors'
+    ``save_file``) 0600, whatever the umask."""
+    mask = umask()
+    os.chmod(folder, 0o777 & ~mask)
+    for root, dirs, names in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in names:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
 
 
 def _remove(path: Path) -> None:

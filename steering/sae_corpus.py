@@ -26,9 +26,9 @@ from steering.sae import sae_positions
 class CorpusSettings:
     """What goes into an SAE training corpus; ``None`` takes every text of that source.
 
-    The defaults (those of the shipped SAEs) give about 6,600 texts and 0.4M tokens, sized for a 2-core CPU (about
-    35 minutes for corpus, activations and two SAEs); on a GPU take every text of each source (pass ``None``) and
-    many more of the model's own answers and continuations."""
+    The defaults (those of the shipped SAEs) give 6,500 texts and 0.36M tokens, sized for a 2-core CPU (43 minutes
+    for corpus, activations and two SAEs); on a GPU take every text of each source (pass ``None``) and many more of
+    the model's own answers and continuations."""
 
     conflict_facts: int | None = 400   # known-fact candidates, each with its original and its substituted context
     instructions: int | None = 2000    # harmless training instructions, in the model's chat template

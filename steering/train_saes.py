@@ -8,7 +8,7 @@ The SAEs of one run and its ``training.json`` are written as one folder (renamed
 existing folder is replaced only with ``--overwrite``, and the shipped ``data/`` folder only with ``--update-shipped``.
 
 Corpus: :func:`steering.sae_corpus.corpus_sources` (conflict prompts, chat instructions with the model's own sampled
-answers, headlines, Wikipedia passages, the model's sampled continuations of headline and passage openings; 0.4M
+answers, headlines, Wikipedia passages, the model's sampled continuations of headline and passage openings; 0.36M
 tokens by default, sized for a 2-core CPU; on a GPU raise the counts, e.g. ``--instructions 18000 --answered 18000
 --headlines 17000 --passages 4700 --continuations 8000 --forward-batch 512 --device cuda``). A held-out slice of it
 gives the explained variance and the share of dead latents (all of it) and the fraction of cross-entropy loss

@@ -188,8 +188,11 @@ def test_modes_follow_the_umask(tmp_path, umask, mask, file_mode, dir_mode):
     assert _mode(cache.save(tmp_path / "acts.safetensors")) == file_mode
     with files.atomic_folder(tmp_path / "checkpoint") as tmp:
         (tmp / "config.json").write_text("{}")
-    assert _mode(tmp_path / "checkpoint") == dir_mode
+        (tmp / "shard").mkdir()
+        os.close(os.open(tmp / "shard" / "weights.safetensors", os.O_CREAT | os.O_WRONLY, 0o600))  # as safetensors
+    assert _mode(tmp_path / "checkpoint") == dir_mode == _mode(tmp_path / "checkpoint" / "shard")
     assert _mode(tmp_path / "checkpoint" / "config.json") == file_mode
+    assert _mode(tmp_path / "checkpoint" / "shard" / "weights.safetensors") == file_mode
 
 
 # ------------------------------------------------------------------------------------------------ run folders
