@@ -1,4 +1,5 @@
-"""Batched generation (greedy or sampled) from chat or plain prompts (left padding), on the plain HF model so steering hooks apply."""
+"""Batched generation (greedy or sampled) from chat or plain prompts (left padding), on the plain HF model so
+steering hooks apply."""
 
 from __future__ import annotations
 

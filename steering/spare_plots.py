@@ -78,9 +78,15 @@ def report_tables(results: dict) -> list[Table]:
     tuned = Table("Settings tuned on validation", ["method, target", "setting"],
                   [[k.replace("_", " "), v["label"]] for k, v in results["tuning"].items()])
     split = Table("Examples", ["split", "n", "unedited behaviour"],
-                  [[{"tuning": "val, tuned on"}.get(k, k), n, ", ".join(f"{g} {c}" for g, c in results["behaviour_counts"].get(k, {}).items())]
+                  [[{"tuning": "val, tuned on"}.get(k, k), n,
+                    ", ".join(f"{g} {c}" for g, c in results["behaviour_counts"].get(k, {}).items())]
                    for k, n in results["n"].items()])
-    return [rates, diffs, tuned, split]
+    kinds = results.get("known_facts_kinds", {})
+    parts = [p for p in ("all", "train", "val", "test") if p in kinds]
+    relations = Table("Relation kinds", ["relation kind", *parts],
+                      [[kind.replace("_", " "), *(kinds[p].get(kind, 0) for p in parts)]
+                       for kind in kinds.get("all", {})], "Facts of each kind in each split.")
+    return [rates, diffs, tuned, split, *([relations] if parts else [])]
 
 
 def figures(results: dict) -> dict[str, go.Figure]:

@@ -260,10 +260,12 @@ def _fake_training(monkeypatch, train_saes, tiny) -> None:
         (Path(path) / "cfg.json").write_text(json.dumps(metadata))
 
     monkeypatch.setattr(train_saes, "load_model", lambda *a, **k: tiny)
-    monkeypatch.setattr(train_saes, "corpus", lambda model, seed=0: ["a", "b", "c"])
-    monkeypatch.setattr(train_saes, "token_activations",
-                        lambda model, texts, layers, max_tokens=None: {l: torch.zeros(2, 4) for l in layers})
+    monkeypatch.setattr(train_saes, "corpus_sources",
+                        lambda model, settings, seed=0, batch_size=32: {"x": ["a", "b", "c"]})
+    monkeypatch.setattr(train_saes, "token_activations", lambda model, texts, layers, max_tokens=None, batch_size=32:
+                        {l: torch.zeros(2, 4) for l in layers})
     monkeypatch.setattr(train_saes, "train_sae", lambda *a, **k: object())
+    monkeypatch.setattr(train_saes, "float16_copy", lambda sae: torch.nn.Identity())
     monkeypatch.setattr(train_saes, "evaluate_sae", lambda sae, acts: {"explained_variance": 1.0})
     monkeypatch.setattr(train_saes, "reconstruction_ce", lambda model, sae, texts: {})
     monkeypatch.setattr(train_saes, "save_sae", save_sae)

@@ -124,7 +124,8 @@ def test_run_writes_the_contract(tiny, tmp_path, monkeypatch):
     assert saved["sae_hooks"] == {"1": "blocks.1.hook_resid_pre"}
     kinds = saved["known_facts_kinds"]
     assert kinds["all"] == {"kind0": 10, "kind1": 10}
-    assert {k: sum(kinds[k].values()) for k in ("train", "val", "test")} == {k: results["n"][k] for k in kinds if k != "all"}
+    assert {k: sum(kinds[k].values()) for k in ("train", "val", "test")} == {
+        k: results["n"][k] for k in kinds if k != "all"}
     assert (tmp_path / "steering.html").is_file() and (tmp_path / "latents_layer1.html").is_file()
     for target in ("steer_to_context", "steer_to_memory"):
         for method, entry in saved["exact_match"][target].items():
@@ -135,3 +136,4 @@ def test_run_writes_the_contract(tiny, tmp_path, monkeypatch):
             check_comparison(entry)
     page = check_report(tmp_path)
     assert "Exact match on held-out conflict prompts" in page and "spare vs actadd" in page
+    assert "Relation kinds" in page and "kind0" in page
