@@ -442,14 +442,13 @@ def _run(model: ModelHandle, plan: _Plan, sink, padding_side: str, progress: boo
 def read_residual_pre(model: ModelHandle, layers: Sequence[int], read, **inputs) -> None:
     """One forward pass of ``model.hf_model`` on ``inputs`` that hands the residual stream entering each block of
     ``layers`` to ``read(layer, hidden)`` and stops after the last of them (the later blocks never run)."""
-    last = max(layers)
+    def store(slot: int, hidden: torch.Tensor, last: bool) -> None:
+        read(layers[slot], hidden)
+        if last:
+            raise _StopForward
+
     with contextlib.ExitStack() as stack:
-        for layer in layers:
-            def hook(hidden: torch.Tensor, layer: int = layer) -> None:
-                read(layer, hidden)
-                if layer == last:
-                    raise _StopForward
-            stack.callback(on_residual(model.architecture.blocks[layer], "pre", hook).remove)
+        _add_layer_hooks(stack, model.architecture.blocks, [(layer, "pre") for layer in layers], store)
         try:
             model.hf_model(**inputs, use_cache=False)
         except _StopForward:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Sequence, TypeVar
 
 import torch
 
@@ -20,6 +20,8 @@ from probes.models import ModelHandle
 from probes.progress import progress_bar
 from steering.generation import generate, generate_from_ids
 from steering.sae import sae_positions
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,7 @@ class CorpusSettings:
             raise ValueError(f"temperature must be > 0 (the model's own text is sampled), got {self.temperature}")
 
 
-def _take(rng: random.Random, items: Sequence[str], n: int | None) -> list[str]:
+def _take(rng: random.Random, items: Sequence[T], n: int | None) -> list[T]:
     """A seeded sample of ``n`` items (all of them, shuffled, for None or n >= len)."""
     return rng.sample(list(items), len(items) if n is None else min(n, len(items)))
 
@@ -65,9 +67,7 @@ def corpus_sources(model: ModelHandle, settings: CorpusSettings = CorpusSettings
                    batch_size: int = 32, progress: bool = True) -> dict[str, list[str]]:
     """The corpus's texts by source, each list in a seeded order; the model's own text is sampled with ``seed``."""
     rng = random.Random(seed)
-    facts = known_facts_candidates(seed=seed)
-    facts = rng.sample(facts, len(facts) if settings.conflict_facts is None else min(settings.conflict_facts,
-                                                                                      len(facts)))
+    facts = _take(rng, known_facts_candidates(seed=seed), settings.conflict_facts)
     instructions = _take(rng, load_refusal_instructions("train", "harmless"), settings.instructions)
     n_answered = len(instructions) if settings.answered is None else min(settings.answered, len(instructions))
     headlines = _take(rng, load_entities("headline").entities, settings.headlines)

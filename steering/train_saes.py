@@ -114,9 +114,9 @@ def _train_layers(model, layers: list[int], acts: dict, heldout_acts: dict, held
                         dead_window_tokens=args.dead_window, seed=args.seed,
                         metadata={"model_name": model.name, "hook_name": f"blocks.{layer}.hook_resid_pre",
                                   "layer": layer})  # token_activations reads the residual entering each block
-        stored = float16_copy(sae).float()
+        stored, ce_texts = float16_copy(sae).float(), heldout[:args.ce_texts]
         scores = {**evaluate_sae(stored, heldout_acts[layer]),
-                  **reconstruction_ce(model, stored, heldout[:args.ce_texts]), "n_ce_texts": len(heldout[:args.ce_texts]),
+                  **reconstruction_ce(model, stored, ce_texts), "n_ce_texts": len(ce_texts),
                   "n_train_tokens": int(acts[layer].shape[0]), "n_heldout_tokens": int(heldout_acts[layer].shape[0])}
         save_sae(sae, tmp / f"layer_{layer}", metadata={"eval": scores})
         record["layers"][layer] = scores

@@ -3,8 +3,10 @@
 import pytest
 import torch
 
+from probes.models import RANDOM_FAMILIES, load_model
 from steering.generation import generate, generate_from_ids
 from steering.sae_corpus import CorpusSettings, corpus, corpus_sources, token_activations
+from tests.numerics import FLOAT32_REL, rel_err
 
 SMALL = CorpusSettings(conflict_facts=4, instructions=6, answered=2, headlines=3, passages=2, continuations=3,
                        answer_tokens=3, continuation_tokens=4)
@@ -60,3 +62,17 @@ def test_token_activations_equal_hidden_states_at_real_tokens_after_the_first(ti
         token_activations(tiny, texts, [tiny.n_layers])
     with pytest.raises(ValueError):
         token_activations(tiny, [], [0])
+
+
+@pytest.mark.parametrize("family", sorted(RANDOM_FAMILIES))
+def test_token_activations_read_the_residual_entering_each_block_on_every_family(family):
+    model = load_model(f"random:{family}", device="cpu")
+    texts = ["one text", "a second and longer text to read"]
+    layers = [0, model.n_layers - 1]
+    acts = token_activations(model, texts, layers, batch_size=2, progress=False)
+    with torch.no_grad():
+        hidden = model.hf_model(**model.tokenizer(texts[1], return_tensors="pt"),
+                                output_hidden_states=True).hidden_states
+    for layer in layers:
+        tail = acts[layer][-hidden[layer].shape[1] + 1:]  # the second text's tokens after the first
+        assert rel_err(tail, hidden[layer][0, 1:].float()) < FLOAT32_REL
