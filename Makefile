@@ -11,7 +11,7 @@ OUT    ?= runs/demo
 export HF_HUB_OFFLINE ?= 1
 SUDO   := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: demo test test-slow test-browser bench lab lock upgrade clean-venv
+.PHONY: demo test test-browser bench lab lock upgrade clean-venv
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,18 +22,21 @@ $(STAMP): pyproject.toml constraints.txt
 
 # --overwrite: each rerun replaces the previous demo run in $(OUT) (the refusal cache is reused)
 demo: $(STAMP)
-	$(PY) -m probes.extract --model embedded --dataset world_place --n 200 --out $(OUT)/extract --overwrite
-	$(PY) -m probes.space_time --model embedded --n 200 --templates empty --out $(OUT)/space_time --overwrite
+	$(PY) -m probes.extract --model embedded --dataset world_place --n-prompts 200 --out $(OUT)/extract --overwrite
+	$(PY) -m probes.space_time --model embedded --n-entities 200 --templates empty --out $(OUT)/space_time --overwrite
 	$(PY) -m steering.refusal --model embedded-refuser --n-train 64 --n-val 8 --n-test 16 --layer-step 3 \
 		--max-new-tokens 24 --out $(OUT)/refusal --overwrite
-	$(PY) -m steering.spare --model embedded --dataset known_facts --n 80 --strengths 0.5,2 --out $(OUT)/spare --overwrite
+	$(PY) -m steering.spare --model embedded --dataset known_facts --n-examples 80 --strengths 0.5,2 \
+		--out $(OUT)/spare --overwrite
 	$(PY) -m probes.report --index $(OUT)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow
+# ruff (rules and line length in pyproject.toml) and no function body over 60 lines in the library and benchmarks
+lint: $(STAMP)
+	$(PY) -m ruff check probes steering bench tests scripts
+	$(PY) scripts/function_length.py probes steering bench --max 60
 
 # In headless Chromium with the network off (not part of `make test`): JupyterLab runs the quick-start notebook and
 # notebook 01 with small parameters, then the demo's report pages open from disk ($(OUT), made by `make demo` if

@@ -15,9 +15,12 @@ import logging
 import warnings
 
 import torch
+import transformers
+from transformers import AutoModelForCausalLM, PreTrainedConfig, PreTrainedTokenizerBase
 
-from probes.architecture import on_residual
-from probes.models import RANDOM_FAMILIES, load_model
+from probes.architecture import BRIDGE_ALIASES, UnsupportedArchitecture, on_residual
+from probes.models import ModelHandle, load_model, wrap
+from probes.random_models import RANDOM_FAMILIES
 from steering.hooks import ablate
 from steering.orthogonalize import orthogonalize
 
@@ -68,6 +71,94 @@ def measure(family: str, seed: int = 0) -> dict:
     return row
 
 
+# ------------------------------------------------------------------------------ every architecture of the bridge
+# A tiny config (2 blocks of width 64) for any causal LM class the TransformerBridge supports: these sizes where the
+# config has the field, plus what a family needs to build that small (layer patterns naming both layer kinds).
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=16, max_position_embeddings=512, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+            num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+            first_k_dense_replace=1, n_group=1, topk_group=1, intermediate_size_mlp=128, kv_lora_rank=16,
+            q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, qk_head_dim=16)
+TINY_OVERRIDES: dict[str, dict] = {
+    "CodeGenForCausalLM": dict(rotary_dim=8), "GPTJForCausalLM": dict(rotary_dim=8),
+    "GPTNeoForCausalLM": dict(attention_types=[[["global", "local"], 1]]),
+    "Mamba2ForCausalLM": dict(num_heads=8, head_dim=16, n_groups=1),
+    "Zamba2ForCausalLM": dict(layers_block_type=["mamba", "hybrid"], mamba_headdim=16, n_mamba_heads=8),
+    "JambaForCausalLM": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
+                             use_mamba_kernels=False),
+    "Qwen3NextForCausalLM": dict(layer_types=["linear_attention", "full_attention"]),
+    "Qwen3_5ForCausalLM": dict(layer_types=["linear_attention", "full_attention"]),
+    "Qwen3_5MoeForCausalLM": dict(layer_types=["linear_attention", "full_attention"]),
+    "BambaForCausalLM": dict(attn_layer_indices=[1]),
+    "GraniteMoeHybridForCausalLM": dict(layer_types=["mamba", "attention"]),
+    "Lfm2ForCausalLM": dict(layer_types=["conv", "full_attention"]),
+    "Lfm2MoeForCausalLM": dict(layer_types=["conv", "full_attention"], num_dense_layers=1),
+    "Llama4ForCausalLM": dict(interleave_moe_layer_step=2),
+    "NemotronHForCausalLM": dict(hybrid_override_pattern="M*"),
+}
+NO_HEAD_DIM = {"FalconForCausalLM", "Gemma4ForCausalLM"}  # head_dim is derived there (a property)
+FLOAT32_ONLY = {"XGLMForCausalLM"}  # transformers' XGLM attention fails in float64 (its mask value overflows)
+
+
+def bridge_architectures() -> list[str]:
+    """Every causal LM class in TransformerLens's supported list that transformers has (bridge aliases resolved),
+    plus GPT-1, which the bridge lists as OpenAIGPTLMHeadModel."""
+    from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES
+
+    names = {BRIDGE_ALIASES.get(n, n) for n in SUPPORTED_ARCHITECTURES if n.endswith("ForCausalLM")}
+    return sorted(n for n in names | {"OpenAIGPTLMHeadModel"} if hasattr(transformers, n))
+
+
+def tiny_config(class_name: str, tokenizer: PreTrainedTokenizerBase) -> PreTrainedConfig:
+    """A 2-block, width-64 config of ``class_name`` for ``tokenizer``'s vocabulary."""
+    config_class = getattr(transformers, class_name).config_class
+    default = config_class()
+    kwargs = {k: v for k, v in TINY.items() if hasattr(default, k)}
+    if hasattr(default, "qk_rope_head_dim") or class_name in NO_HEAD_DIM:
+        kwargs.pop("head_dim", None)  # MLA: head_dim is the rope part
+    if hasattr(default, "qk_rope_head_dim"):
+        kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]  # MLA has no grouped keys and values
+    kwargs.update(TINY_OVERRIDES.get(class_name, {}))
+    return config_class(**kwargs, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+
+def tiny_model(class_name: str, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> ModelHandle:
+    """A tiny model of ``class_name`` with seeded random weights, norm gains and biases randomised too."""
+    config = tiny_config(class_name, tokenizer)
+    dtype = torch.float32 if class_name in FLOAT32_ONLY else torch.float64
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            owner = model.get_submodule(name.rsplit(".", 1)[0])
+            scale = 0.3 if "norm" in type(owner).__name__.lower() else 0.1 if name.endswith("bias") else 0.0
+            param.add_(scale * torch.randn(param.shape, generator=generator, dtype=torch.float64).to(param))
+    return wrap(f"tiny:{class_name}", model, tokenizer)
+
+
+def check_family(class_name: str, tokenizer: PreTrainedTokenizerBase) -> dict:
+    """Wrap, ablate and orthogonalize a tiny model of ``class_name``: the residual stream's largest component along
+    a random direction under the hooks and under the weight edit, the edit's logits against the hooks', and
+    whether the workbench reports the edit exact; ``refused`` holds the reason of an UnsupportedArchitecture."""
+    model = tiny_model(class_name, tokenizer)
+    try:
+        exact = model.architecture.exact_orthogonalization
+    except UnsupportedArchitecture as err:
+        return {"class": class_name, "refused": str(err)}
+    r = torch.randn(model.d_model, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    r /= r.norm()
+    with ablate(model, r):
+        hooked, hooked_resid = _states(model)
+    orthogonalize(model, r)
+    edited, edited_resid = _states(model)
+    return {"class": class_name, "refused": None, "exact": exact, "dtype": str(model.dtype),
+            "ablate": _projection(hooked_resid, r), "weights": _projection(edited_resid, r),
+            "logits": float((edited - hooked).abs().max() / hooked.abs().max()), "kl": _kl(hooked, edited),
+            "approximations": model.architecture.approximations}
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", default=",".join(RANDOM_FAMILIES), help="comma-separated random:<family> names")
@@ -75,8 +166,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
     rows = [measure(f) for f in args.families.split(",")]
-    print("| family | class | ablate: max proj (f32) | weights: max proj (f64) | weights vs hooks, logits rel (f64 / f32) "
-          "| KL hooks-weights (f64) | orthogonalize |")
+    print("| family | class | ablate: max proj (f32) | weights: max proj (f64) "
+          "| weights vs hooks, logits rel (f64 / f32) | KL hooks-weights (f64) | orthogonalize |")
     print("|---|---|---:|---:|---:|---:|---|")
     for r in rows:
         print(f"| {r['family']} | {r['class']} | {r['ablate_float32']:.1e} | {r['weights_float64']:.1e} | "

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from bench.timing import sync
-
 from probes.cache import extract, residual_hooks
-from probes.models import load_model
+from probes.models import ModelHandle, load_model
 
 
 def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
@@ -33,7 +33,7 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float
     return best
 
 
-def main(argv: list[str] | None = None) -> dict:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--model", default=None, help="default: random:llama-1b on CUDA, embedded on the CPU")
@@ -44,65 +44,83 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--naive-prompts", type=int, default=None,
                         help="prompts for the run_with_cache paths (slow, memory-hungry); default: all")
-    args = parser.parse_args(argv)
+    return parser
 
-    device = torch.device(args.device)
-    cuda = device.type == "cuda"
-    model_name = args.model or ("random:llama-1b" if cuda else "embedded")
-    dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
+
+@dataclass
+class Workload:
+    """The model and the fixed-length random token batches every path sees."""
+
+    model: ModelHandle
+    ids: torch.Tensor
+    batch: int
+    n_naive: int
+    dtype: torch.dtype
+
+    @property
+    def hooks(self) -> list[str]:
+        return residual_hooks(self.model)
+
+
+def _workload(args: argparse.Namespace) -> Workload:
+    cuda = torch.device(args.device).type == "cuda"
+    model = load_model(args.model or ("random:llama-1b" if cuda else "embedded"), device=args.device,
+                       dtype=getattr(torch, args.dtype or ("bfloat16" if cuda else "float32")))
     n = args.n_prompts or (20480 if cuda else 256)
-    bs = args.batch_size or (256 if cuda else 32)
-    model = load_model(model_name, device=device, dtype=dtype)
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(100, model.tokenizer.vocab_size, (n, args.seq_len), generator=gen)
-    ids_dev = ids.to(device)
-    hooks = residual_hooks(model)
-    tokens = n * args.seq_len
-    n_naive = min(n, args.naive_prompts or n)
-    bridge = model.bridge
+    ids = torch.randint(100, model.tokenizer.vocab_size, (n, args.seq_len), generator=torch.Generator().manual_seed(0))
+    return Workload(model, ids, args.batch_size or (256 if cuda else 32), min(n, args.naive_prompts or n),
+                    model.dtype)
+
+
+def _plain_forward(w: Workload) -> Callable[[], None]:
+    ids = w.ids.to(w.model.device)
 
     @torch.inference_mode()
-    def plain_forward():
-        for i in range(0, n, bs):
-            model.hf_model(input_ids=ids_dev[i:i + bs], use_cache=False)
+    def run():
+        for i in range(0, len(ids), w.batch):
+            w.model.hf_model(input_ids=ids[i:i + w.batch], use_cache=False)
+    return run
+
+
+def _hidden_states_gather(w: Workload) -> Callable[[], torch.Tensor]:
+    ids = w.ids.to(w.model.device)
 
     @torch.inference_mode()
-    def hidden_states_gather():
-        out = torch.empty(n, len(hooks), model.d_model, dtype=dtype, device=device)
-        for i in range(0, n, bs):
-            hs = model.hf_model(input_ids=ids_dev[i:i + bs], use_cache=False, output_hidden_states=True).hidden_states
-            out[i:i + bs] = torch.stack([h[:, -1] for h in hs], 1)
+    def run():
+        out = torch.empty(len(ids), len(w.hooks), w.model.d_model, dtype=w.dtype, device=w.model.device)
+        for i in range(0, len(ids), w.batch):
+            hs = w.model.hf_model(input_ids=ids[i:i + w.batch], use_cache=False, output_hidden_states=True)
+            out[i:i + w.batch] = torch.stack([h[:, -1] for h in hs.hidden_states], 1)
         return out
+    return run
 
-    def ours():
-        return extract(model, ids.tolist(), hooks=hooks, dtype=dtype, batch_tokens=bs * args.seq_len, progress=False)
 
-    def naive(names_filter):
-        @torch.inference_mode()
-        def run():
-            rows = []
-            for i in range(0, n_naive, bs):
-                _, cache = bridge.run_with_cache(ids_dev[i:i + bs], names_filter=names_filter)
-                rows.append(torch.stack([cache[h][:, -1] for h in hooks], 1))
-                del cache
-            return torch.cat(rows)
-        return run
+def _ours(w: Workload) -> Callable[[], object]:
+    return lambda: extract(w.model, w.ids.tolist(), hooks=w.hooks, dtype=w.dtype,
+                           batch_tokens=w.batch * w.ids.shape[1], progress=False)
 
-    rows = [
-        ("(a) plain HF forward, no hooks", timed(plain_forward, device, args.repeats), tokens),
-        ("    HF output_hidden_states + gather", timed(hidden_states_gather, device, args.repeats), tokens),
-        ("(b) workbench extract (all resid, last token)", timed(ours, device, args.repeats), tokens),
-        ("(c) bridge run_with_cache, all hooks", timed(naive(None), device, 1), n_naive * args.seq_len),
-        ("    bridge run_with_cache, resid hooks only", timed(naive(lambda h: h in hooks), device, 1),
-         n_naive * args.seq_len),
-    ]
-    check = ours().acts
-    ref = hidden_states_gather()
-    rel = ((check[:, :-1].float() - ref[:, :-1].float()).abs().amax(-1) / ref[:, :-1].float().abs().amax(-1)).max()
+
+def _naive(w: Workload, names_filter) -> Callable[[], torch.Tensor]:
+    ids = w.ids.to(w.model.device)
+
+    @torch.inference_mode()
+    def run():
+        rows = []
+        for i in range(0, w.n_naive, w.batch):
+            _, cache = w.model.bridge.run_with_cache(ids[i:i + w.batch], names_filter=names_filter)
+            rows.append(torch.stack([cache[h][:, -1] for h in w.hooks], 1))
+            del cache
+        return torch.cat(rows)
+    return run
+
+
+def _report(w: Workload, rows: list[tuple[str, float, int]], rel: float) -> dict:
     speed = {name: tok / sec for name, sec, tok in rows}
-    gpu = torch.cuda.get_device_name(device) if cuda else "CPU"
-    print(f"\nmodel {model_name} ({model.n_layers} layers, d_model {model.d_model}), {dtype}, {gpu}; "
-          f"{n} prompts x {args.seq_len} tokens, batch {bs}; {len(hooks)} residual hooks at the last token")
+    device = w.model.device
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"\nmodel {w.model.name} ({w.model.n_layers} layers, d_model {w.model.d_model}), {w.dtype}, {gpu}; "
+          f"{len(w.ids)} prompts x {w.ids.shape[1]} tokens, batch {w.batch}; {len(w.hooks)} residual hooks at the "
+          "last token")
     print(f"{'path':50s} {'seconds':>9s} {'tokens/s':>12s}")
     for name, sec, tok in rows:
         print(f"{name:50s} {sec:9.3f} {tok / sec:12,.0f}")
@@ -110,8 +128,25 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\nratio b/a (extract vs plain forward): {b / a:.2f}x")
     print(f"ratio b/c (extract vs naive run_with_cache, all hooks): {b / c:.2f}x")
     print(f"ratio b/(resid-filtered run_with_cache): {b / speed[rows[4][0]]:.2f}x")
-    print(f"max relative difference vs output_hidden_states: {rel.item():.2e}")
+    print(f"max relative difference vs output_hidden_states: {rel:.2e}")
     return {"speed": speed, "b_over_a": b / a, "b_over_c": b / c}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = _parser().parse_args(argv)
+    w = _workload(args)
+    device, tokens, naive_tokens = w.model.device, w.ids.numel(), w.n_naive * w.ids.shape[1]
+    rows = [
+        ("(a) plain HF forward, no hooks", timed(_plain_forward(w), device, args.repeats), tokens),
+        ("    HF output_hidden_states + gather", timed(_hidden_states_gather(w), device, args.repeats), tokens),
+        ("(b) workbench extract (all resid, last token)", timed(_ours(w), device, args.repeats), tokens),
+        ("(c) bridge run_with_cache, all hooks", timed(_naive(w, None), device, 1), naive_tokens),
+        ("    bridge run_with_cache, resid hooks only", timed(_naive(w, lambda h: h in w.hooks), device, 1),
+         naive_tokens),
+    ]
+    check, ref = _ours(w)().acts[:, :-1].float(), _hidden_states_gather(w)()[:, :-1].float()
+    rel = ((check - ref).abs().amax(-1) / ref.abs().amax(-1)).max().item()
+    return _report(w, rows, rel)
 
 
 if __name__ == "__main__":

@@ -22,11 +22,10 @@ os.environ.setdefault("SCIPY_ARRAY_API", "1")  # scikit-learn's Array API path n
 import numpy as np
 import sklearn
 import torch
-
-from bench.timing import sync
 from sklearn.linear_model import RidgeCV
 from sklearn.metrics import r2_score
 
+from bench.timing import sync
 from probes.linear import DEFAULT_ALPHAS, RidgeProbe
 
 SHAPES = {"paper": [(40_000, 31, 576), (20_000, 17, 2048)], "quick": [(4_000, 8, 128), (400, 4, 512)]}

@@ -16,7 +16,6 @@ import numpy as np
 import torch
 
 from bench.timing import timed
-
 from steering.mutual_info import mutual_information, mutual_information_sklearn, select_latents
 
 

@@ -26,7 +26,6 @@ from types import SimpleNamespace
 from typing import Callable
 
 import torch
-
 from transformers.pytorch_utils import Conv1D
 
 from probes.errors import WorkbenchError
@@ -38,19 +37,25 @@ class UnsupportedArchitecture(ValueError):
 
 @dataclass(frozen=True)
 class OutputWeight:
-    """A tensor whose output lies in the residual stream: ``axis`` is the d_model axis that is written."""
+    """A tensor whose output lies in the residual stream: ``axis`` is the d_model axis that is written.
+
+    ``after_norm``: the tensor is added after the writer's norm (the norm's own bias), so it is orthogonalized
+    against the direction itself rather than against the direction as the norm sees it."""
 
     name: str
     param: torch.nn.Parameter
     axis: int
+    after_norm: bool = False
 
 
 @dataclass(frozen=True)
 class PostNorm:
-    """The gain of an RMSNorm between a sublayer's output projection and the residual stream (Gemma-2/3, OLMo-2)."""
+    """The gain of a norm between a writer's weights and the residual stream: RMSNorm post-norms (Gemma-2/3,
+    OLMo-2) and LayerNorms (BLOOM's embedding LayerNorm, which also subtracts the mean: ``centered``)."""
 
     weight: torch.nn.Parameter | None
     offset: float  # gain = offset + weight (Gemma stores w for a gain of 1 + w)
+    centered: bool = False
 
     def gain(self) -> torch.Tensor | None:
         return None if self.weight is None else self.weight.detach() + self.offset
@@ -60,16 +65,20 @@ class PostNorm:
 class Writer:
     """One module whose forward output is added to the residual stream, and the weights that produce it.
 
-    ``module`` is what a forward hook must edit (the post-norm where there is one); ``weights`` are the tensors to
-    orthogonalize; ``post_norm`` is set when those weights feed a norm before the residual stream.
-    """
+    ``module`` is what a forward hook must edit (the post-norm where there is one; BLOOM's attention and MLP add the
+    residual themselves, so a hook there projects the whole stream, the same ablation); ``weights`` are the tensors to
+    orthogonalize; ``post_norm`` is set when those weights feed a norm before the residual stream; ``approximate``
+    says why no weight edit can reproduce the hook on this writer (e.g. XGLM's sinusoidal positions, a buffer).
+    ``kind`` is "embed", "pos_embed", "attn", "mlp", or the block submodule of another sequence mixer
+    ("linear_attn", "mixer", "mamba", "conv")."""
 
-    kind: str  # "embed", "pos_embed", "attn" or "mlp"
+    kind: str
     layer: int | None
     path: str
     module: torch.nn.Module
     weights: tuple[OutputWeight, ...]
     post_norm: PostNorm | None = None
+    approximate: str | None = None
 
 
 @dataclass
@@ -84,19 +93,98 @@ class Architecture:
 
     @property
     def post_norm(self) -> bool:
-        """True when some sublayer output passes a norm before it is added (weight edits are then approximate)."""
+        """True when some writer's weights feed a norm before the stream (weight edits are then approximate)."""
         return any(w.post_norm is not None for w in self.writers)
 
     @property
     def exact_orthogonalization(self) -> bool:
         """Whether removing the direction from the weights reproduces the hook ablation exactly."""
-        return not self.post_norm
+        return not self.post_norm and not self.approximations
+
+    @property
+    def approximations(self) -> list[str]:
+        """Why the weight edit differs from the hooks, one line per writer that makes it approximate."""
+        out = [f"{w.path}: {w.approximate}" for w in self.writers if w.approximate]
+        return out + [f"{w.path}: a {'LayerNorm' if w.post_norm.centered else 'RMSNorm'} between the weights and "
+                      "the residual stream" for w in self.writers if w.post_norm is not None]
 
 
 def _unsupported(arch: str, what: str) -> UnsupportedArchitecture:
     return UnsupportedArchitecture(
         f"architecture {arch}: {what}. The workbench reads the residual-stream layout from the TransformerBridge "
         "adapter (probes/architecture.py); this family needs support added there.")
+
+
+# Families whose residual stream no per-writer hook or weight edit can keep orthogonal to a direction, and why.
+REFUSED = {
+    "OpenAIGPTLMHeadModel": "GPT-1 is post-LN: each block's LayerNorm acts on the whole residual stream after the "
+                            "sublayer is added, so its gain and bias put the direction back after any ablation",
+    "DeepseekV4ForCausalLM": "its hyper-connections mix several residual streams with learned weights; the "
+                             "workbench handles one residual stream",
+    "HrmTextForCausalLM": "its two recurrent block stacks (H and L) have no single residual stream",
+    "RecurrentGemmaForCausalLM": "its adapter maps no blocks the workbench can read (recurrent and attention "
+                                 "layers mixed in one list)",
+    "RwkvForCausalLM": "RWKV's time-mix output is rescaled and its first block normalises the embeddings "
+                       "(ln0) where the adapter maps no writer",
+    "Zamba2ForCausalLM": "its hybrid layers run one shared transformer block whose output enters the stream "
+                         "through per-layer adapters the TransformerBridge adapter does not map",
+    "JetMoeForCausalLM": "its attention is a mixture of experts (MoA) whose fused output experts the adapter does "
+                         "not name",
+}
+
+
+def _refusal(hf_model: torch.nn.Module, arch: str) -> str | None:
+    """Why ``hf_model``'s family is refused, from its class or its config (post-LN variants), or None."""
+    cfg = getattr(hf_model, "config", None)
+    if getattr(cfg, "do_layer_norm_before", True) is False:
+        return ("do_layer_norm_before=False (post-LN, e.g. OPT-350m): each block's LayerNorm acts on the whole "
+                "residual stream after the sublayer is added, so its gain and bias put the direction back")
+    if getattr(cfg, "apply_residual_connection_post_layernorm", False):
+        return ("apply_residual_connection_post_layernorm=True: the residual is taken after the LayerNorm, which "
+                "acts on the whole stream")
+    return REFUSED.get(arch)
+
+
+def _alias_bridge_names() -> None:
+    """Register the transformers spelling of classes the bridge registers under another name (PhiMoE)."""
+    from transformer_lens.factories.architecture_adapter_factory import (
+        SUPPORTED_ARCHITECTURES,
+        ArchitectureAdapterFactory,
+    )
+
+    for bridge_name, hf_name in BRIDGE_ALIASES.items():
+        if bridge_name in SUPPORTED_ARCHITECTURES:
+            SUPPORTED_ARCHITECTURES.setdefault(hf_name, SUPPORTED_ARCHITECTURES[bridge_name])
+            if hf_name not in ArchitectureAdapterFactory._adapters:
+                ArchitectureAdapterFactory.register_adapter(hf_name, SUPPORTED_ARCHITECTURES[bridge_name])
+
+
+BRIDGE_ALIASES = {"PhiMoEForCausalLM": "PhimoeForCausalLM"}  # the bridge's name -> transformers' class name
+_alias_bridge_names()
+
+
+def _gated_delta_net_fallbacks() -> None:
+    """The bridge's hooked gated DeltaNet (Qwen3-Next, Qwen3.5) reads ``causal_conv1d_fn`` and
+    ``chunk_gated_delta_rule`` from the Hugging Face module, which transformers sets only when the ``kernels``
+    package is installed: without it, give the module transformers' own torch path (no fused convolution, and
+    ``torch_chunk_gated_delta_rule``) before the bridge runs it."""
+    import sys
+
+    from transformer_lens.model_bridge.generalized_components.gated_delta_net import GatedDeltaNetBridge
+
+    hooked = GatedDeltaNetBridge._hooked_forward
+
+    def hooked_forward(self, *args, **kwargs):
+        hf = self.original_component
+        rule = getattr(sys.modules[type(hf).__module__], "torch_chunk_gated_delta_rule", None)
+        if not hasattr(hf, "chunk_gated_delta_rule") and rule is not None:
+            hf.causal_conv1d_fn, hf.chunk_gated_delta_rule = getattr(hf, "causal_conv1d_fn", None), rule
+        return hooked(self, *args, **kwargs)
+
+    GatedDeltaNetBridge._hooked_forward = hooked_forward
+
+
+_gated_delta_net_fallbacks()
 
 
 def _submodule(root: torch.nn.Module, path: str, arch: str, what: str) -> torch.nn.Module:
@@ -124,30 +212,56 @@ def _linear_outputs(module: torch.nn.Module, prefix: str, d_model: int, arch: st
     return out
 
 
+def _fused_axis(sub: torch.nn.Module, param: torch.Tensor, d_model: int) -> int | None:
+    """The d_model axis of fused expert weights [E, ., .], from the shape where only one axis has d_model, else
+    from the module's layout: transformers' ``is_transposed`` ([E, inter, d]), Llama-4's ``expert_dim``
+    ([E, expert_dim, hidden]), or transformers' default [E, d, inter]."""
+    axes = [axis for axis in (1, 2) if param.shape[axis] == d_model]
+    if len(axes) == 1:
+        return axes[0]
+    if not axes:
+        return None
+    if hasattr(sub, "is_transposed"):
+        return 2 if sub.is_transposed else 1
+    return 2 if hasattr(sub, "expert_dim") else 1
+
+
+EXPERT_OUT = ("down_proj", "w2", "fc2", "c_proj", "wo")  # an expert's output projection, by its usual names
+
+
 def _expert_outputs(module: torch.nn.Module, prefix: str, d_model: int, arch: str) -> list[OutputWeight]:
-    """Output tensors of fused experts (transformers' layout): ``down_proj`` [E, d, inter] ([E, inter, d] if
-    ``is_transposed``) and ``down_proj_bias`` [E, d]."""
+    """Output tensors of every expert in a MoE block: fused routed experts (``down_proj`` [E, d, inter],
+    [E, inter, d] or Llama-4's [E, expert_dim, hidden], with ``down_proj_bias`` [E, d]), and experts stored one
+    module each (``experts.3.down_proj``) or shared (``shared_experts.down_proj``), found by their names."""
     out = []
     for name, sub in module.named_modules(prefix=prefix):
         param = getattr(sub, "down_proj", None)
-        if not isinstance(param, torch.nn.Parameter) or param.dim() != 3:
-            continue
-        axis = 2 if getattr(sub, "is_transposed", False) else 1
-        if param.shape[axis] != d_model:
-            raise _unsupported(arch, f"fused experts {name}.down_proj have shape {tuple(param.shape)}, with no "
-                                     f"d_model={d_model} output axis where transformers puts it")
-        out.append(OutputWeight(f"{name}.down_proj", param, axis))
-        bias = getattr(sub, "down_proj_bias", None)
-        if isinstance(bias, torch.nn.Parameter):
-            out.append(OutputWeight(f"{name}.down_proj_bias", bias, 1))
+        if isinstance(param, torch.nn.Parameter) and param.dim() == 3:
+            axis = _fused_axis(sub, param, d_model)
+            if axis is None:
+                raise _unsupported(arch, f"fused experts {name}.down_proj have shape {tuple(param.shape)}, with no "
+                                         f"d_model={d_model} axis")
+            out.append(OutputWeight(f"{name}.down_proj", param, axis))
+            bias = getattr(sub, "down_proj_bias", None)
+            if isinstance(bias, torch.nn.Parameter):
+                out.append(OutputWeight(f"{name}.down_proj_bias", bias, 1))
+        elif isinstance(sub, (torch.nn.Linear, Conv1D)) and name.rsplit(".", 1)[-1] in EXPERT_OUT:
+            out += _linear_outputs(sub, name, d_model, arch)
     return out
 
 
+def _is_moe(component) -> bool:
+    subs = getattr(component, "submodules", {}) or {}
+    return "MoE" in type(component).__name__ or any("MoE" in type(s).__name__ for s in subs.values())
+
+
 def _component_outputs(hf_root, component, path: str, d_model: int, arch: str) -> list[OutputWeight]:
-    """Output weights of a bridge component (attention, MLP or MoE) whose HF module sits at ``path``."""
+    """Output weights of a bridge component (attention, MLP, MoE or another mixer) whose HF module sits at
+    ``path``, read for this layer: a MoE family's dense layers (DeepSeek's first_k_dense_replace, Llama-4's
+    interleaved layers) have the dense projection and no experts."""
     subs = getattr(component, "submodules", {}) or {}
     out: list[OutputWeight] = []
-    for role in ("o", "out", "dense_out"):
+    for role in ("o", "out", "out_proj", "dense_out"):
         if role in subs:
             proj_path = f"{path}.{subs[role].name}"
             try:
@@ -155,17 +269,25 @@ def _component_outputs(hf_root, component, path: str, d_model: int, arch: str) -
             except AttributeError:
                 if getattr(subs[role], "optional", False):
                     continue  # e.g. the dense MLP of a MoE family, absent from sparse layers
-                raise _unsupported(arch, f"the adapter names {proj_path!r}, which this model does not have")
+                raise _unsupported(arch, f"the adapter names {proj_path!r}, which this model does not have") from None
             out += _linear_outputs(proj, proj_path, d_model, arch)
-    if type(component).__name__.startswith("MoE") or any(type(s).__name__.startswith("MoE") for s in subs.values()):
-        experts = _expert_outputs(_submodule(hf_root, path, arch, "the MoE block"), path, d_model, arch)
-        if not experts:
-            raise _unsupported(arch, f"the mixture-of-experts block {path} has no fused experts.down_proj tensor")
+    if _is_moe(component):
+        known = {w.name for w in out}
+        experts = [w for w in _expert_outputs(_submodule(hf_root, path, arch, "the MoE block"), path, d_model, arch)
+                   if w.name not in known]
+        if not experts and not out:
+            raise _unsupported(arch, f"the mixture-of-experts block {path} has neither experts the workbench can "
+                                     "read nor a dense output projection")
         out += experts
-        for key, sub in subs.items():  # shared experts: MLPs of their own inside the MoE block
-            if key != "experts" and getattr(sub, "submodules", None) and "out" in sub.submodules:
-                out += _component_outputs(hf_root, sub, f"{path}.{sub.name}", d_model, arch)
+    if not out:  # a mixer the adapter maps without naming its output (Qwen3-Next's gated DeltaNet)
+        module = _submodule(hf_root, path, arch, "the mixer")
+        name = next((n for n in MIXER_OUT if isinstance(getattr(module, n, None), torch.nn.Linear)), None)
+        if name is not None:
+            out = _linear_outputs(getattr(module, name), f"{path}.{name}", d_model, arch)
     return out
+
+
+MIXER_OUT = ("out_proj", "o_proj", "down_proj")  # the output projection of a mixer the adapter maps without one
 
 
 def _has_submodule(root: torch.nn.Module, path: str) -> bool:
@@ -175,12 +297,17 @@ def _has_submodule(root: torch.nn.Module, path: str) -> bool:
         return False
 
 
-def _post_norm(norm_module: torch.nn.Module, cfg, arch: str, path: str) -> PostNorm:
-    if "RMS" not in type(norm_module).__name__:
-        raise _unsupported(arch, f"the post-norm {path} is a {type(norm_module).__name__}; only RMSNorm post-norms "
-                                 "can be orthogonalized")
-    weight = getattr(norm_module, "weight", None)
-    return PostNorm(weight, 1.0 if getattr(cfg, "rmsnorm_uses_offset", False) else 0.0)
+def _norm(norm_module: torch.nn.Module, cfg, arch: str, path: str) -> tuple[PostNorm, list[OutputWeight]]:
+    """The gain of a norm between weights and the residual stream, and its bias (added after it)."""
+    kind = type(norm_module).__name__
+    if "RMS" not in kind and not isinstance(norm_module, torch.nn.LayerNorm):
+        raise _unsupported(arch, f"the norm {path} in front of the residual stream is a {kind}; only RMSNorm and "
+                                 "LayerNorm can be orthogonalized")
+    centered = isinstance(norm_module, torch.nn.LayerNorm)
+    bias = getattr(norm_module, "bias", None)
+    after = [OutputWeight(f"{path}.bias", bias, 0, after_norm=True)] if isinstance(bias, torch.nn.Parameter) else []
+    offset = 1.0 if getattr(cfg, "rmsnorm_uses_offset", False) and not centered else 0.0
+    return PostNorm(getattr(norm_module, "weight", None), offset, centered), after
 
 
 def _writer_component(block, role: str) -> str:
@@ -194,46 +321,151 @@ def _writer_component(block, role: str) -> str:
     return target.split(".")[0]
 
 
+def _is_norm(component) -> bool:
+    return "Norm" in type(component).__name__ or "Rotary" in type(component).__name__
+
+
+def _embedding_writers(hf_model: torch.nn.Module, mapping: dict, cfg, d_model: int, arch: str) -> list[Writer]:
+    """The token embedding as it enters the stream (through OPT's ``project_in``, or BLOOM's embedding LayerNorm),
+    and the position embeddings, mapped by the adapter or found beside the token embedding (XGLM's sinusoids)."""
+    path = mapping["embed"].name
+    module = _submodule(hf_model, path, arch, "the embed module")
+    parent = path.rsplit(".", 1)[0] if "." in path else ""
+    weights = (OutputWeight(f"{path}.weight", module.weight, 1),)
+    writers = [Writer("embed", None, path, module, weights)]
+    project_in = getattr(hf_model.get_submodule(parent), "project_in", None)
+    if isinstance(project_in, torch.nn.Linear):  # OPT with word_embed_proj_dim != hidden_size
+        proj_path = f"{parent}.project_in"
+        writers = [Writer("embed", None, proj_path, project_in,
+                          tuple(_linear_outputs(project_in, proj_path, d_model, arch)))]
+    elif "embed_ln" in mapping:  # BLOOM, ModernBERT: the embeddings pass a norm before the first block
+        ln_path = mapping["embed_ln"].name
+        ln = _submodule(hf_model, ln_path, arch, "the embedding norm")
+        norm, bias = _norm(ln, cfg, arch, ln_path)
+        writers = [Writer("embed", None, ln_path, ln, (*weights, *bias), norm)]
+    pos_path = mapping["pos_embed"].name if "pos_embed" in mapping else next(
+        (f"{parent}.{n}" for n in ("embed_positions", "wpe") if _has_submodule(hf_model, f"{parent}.{n}")), None)
+    if pos_path is not None:
+        pos = _submodule(hf_model, pos_path, arch, "the pos_embed module")
+        weight = getattr(pos, "weight", None)
+        if isinstance(weight, torch.nn.Parameter):
+            writers.append(Writer("pos_embed", None, pos_path, pos, (OutputWeight(f"{pos_path}.weight", weight, 1),)))
+        else:
+            writers.append(Writer("pos_embed", None, pos_path, pos, (), approximate="position embeddings computed, "
+                                  "not stored (a buffer), so the weight edit leaves their component along r"))
+    return writers
+
+
+def _layer_writers(hf_model, block, layer: int, d_model: int, arch: str, cfg) -> list[Writer]:
+    """Every module of block ``layer`` that writes to the residual stream, read from the layer's own modules:
+    attention, linear attention, Mamba or short-convolution mixers, dense MLP or MoE."""
+    base = f"{block.name}.{layer}"
+    subs = block.submodules or {}
+    writers = []
+    for key, sub in subs.items():
+        path = base if sub.name is None else f"{base}.{sub.name}"
+        if _is_norm(sub) or (sub.name is not None and not _has_submodule(hf_model, path)):
+            continue
+        if sub.name is None and not all(_has_submodule(hf_model, f"{base}.{s.name}") for s in sub.submodules.values()):
+            continue
+        weights = _component_outputs(hf_model, sub, path, d_model, arch)
+        if not weights:
+            raise _unsupported(arch, f"no output projection found for {path} ({type(sub).__name__})")
+        target = _writer_component(block, key) if key in ("attn", "mlp") else key
+        if target not in subs:
+            raise _unsupported(arch, f"its {key} output alias points at {target!r}, which the blocks do not map")
+        if sub.name is None:  # OPT, XGLM: the MLP's projections sit on the block itself; the output one writes
+            out_path = weights[0].name.rsplit(".", 1)[0]
+            writers.append(Writer(key, layer, out_path, hf_model.get_submodule(out_path), tuple(weights)))
+            continue
+        mod_path = f"{base}.{subs[target].name}"
+        module = _submodule(hf_model, mod_path, arch, f"the {key} output")
+        post, bias = _norm(module, cfg, arch, mod_path) if target != key else (None, [])
+        writers.append(Writer(key, layer, mod_path, module, (*weights, *bias), post))
+    if not writers:
+        raise _unsupported(arch, f"block {base} has no module the workbench recognises as writing to the residual "
+                                 "stream")
+    return writers
+
+
+LORA_ROLES = ("q", "k", "v", "o", "qkv", "gate", "in", "out", "gate_up")
+
+
+def _lora_targets(blocks: torch.nn.ModuleList, subs: dict) -> list[str]:
+    """Leaf names of the attention and dense MLP projections that some block has (OPT's MLP sits on the block)."""
+    names = set()
+    for role in ("attn", "mlp"):
+        if role not in subs:
+            continue
+        prefix = "" if subs[role].name is None else f"{subs[role].name}."
+        for key, sub in (subs[role].submodules or {}).items():
+            if key in LORA_ROLES and type(sub).__name__ == "LinearBridge" \
+                    and any(_has_submodule(b, prefix + sub.name) for b in blocks):
+                names.add(sub.name)
+    return sorted(names)
+
+
 def architecture(bridge, hf_model: torch.nn.Module, d_model: int) -> Architecture:
     """Read the residual-stream layout of ``hf_model`` from ``bridge``'s architecture adapter."""
     arch = type(hf_model).__name__
+    refusal = _refusal(hf_model, arch)
+    if refusal is not None:
+        raise _unsupported(arch, refusal)
     adapter = getattr(bridge, "adapter", None)
     mapping = getattr(adapter, "component_mapping", None) or {}
     cfg = getattr(bridge, "cfg", None)
     if "blocks" not in mapping or "embed" not in mapping:
         raise _unsupported(arch, "its adapter maps no 'blocks' or no 'embed' component")
     block = mapping["blocks"]
-    block_path = block.name
-    blocks = _submodule(hf_model, block_path, arch, "the decoder blocks")
+    blocks = _submodule(hf_model, block.name, arch, "the decoder blocks")
     if not isinstance(blocks, torch.nn.ModuleList):
-        raise _unsupported(arch, f"{block_path} is not a list of blocks")
-    writers = []
-    for kind in ("embed", "pos_embed"):
-        if kind in mapping:
-            path = mapping[kind].name
-            module = _submodule(hf_model, path, arch, f"the {kind} module")
-            writers.append(Writer(kind, None, path, module, (OutputWeight(f"{path}.weight", module.weight, 1),)))
-    subs = block.submodules or {}
-    for role in ("attn", "mlp"):
-        if role not in subs:
-            raise _unsupported(arch, f"its blocks map no '{role}' component")
-    lora = [sub.name for role in ("attn", "mlp") for key, sub in (subs[role].submodules or {}).items()
-            if key in ("q", "k", "v", "o", "qkv", "gate", "in", "out", "gate_up") and len(blocks)
-            and type(sub).__name__ == "LinearBridge" and _has_submodule(blocks[0], f"{subs[role].name}.{sub.name}")]
+        raise _unsupported(arch, f"{block.name} is not a list of blocks")
+    writers = _embedding_writers(hf_model, mapping, cfg, d_model, arch)
     for layer in range(len(blocks)):
-        for role in ("attn", "mlp"):
-            sub_path = f"{block_path}.{layer}.{subs[role].name}"
-            weights = tuple(_component_outputs(hf_model, subs[role], sub_path, d_model, arch))
-            if not weights:
-                raise _unsupported(arch, f"no output projection found for {sub_path} (no 'o'/'out' in the adapter)")
-            key = _writer_component(block, role)
-            if key not in subs:
-                raise _unsupported(arch, f"its {role} output alias points at {key!r}, which the blocks do not map")
-            path = f"{block_path}.{layer}.{subs[key].name}"
-            module = _submodule(hf_model, path, arch, f"the {role} output")
-            post = _post_norm(module, cfg, arch, path) if key != role else None
-            writers.append(Writer(role, layer, path, module, weights, post))
-    return Architecture(arch, blocks, block_path, writers, sorted(set(lora)))
+        writers += _layer_writers(hf_model, block, layer, d_model, arch, cfg)
+    return Architecture(arch, blocks, block.name, writers, _lora_targets(blocks, block.submodules or {}))
+
+
+# ----------------------------------------------------------------------------------------------- MLP readers
+MLP_NEURON_ROLES = {"in": "in", "gate": "gate", "out": "out"}  # the adapter's roles of a dense MLP's projections
+
+
+def _neuron_rows(module: torch.nn.Module, name: str, arch: str, output: bool) -> torch.Tensor:
+    """A dense projection's weights as one row per neuron [n_neurons, d_model]: input projections are read by
+    neuron rows, the output projection by its columns (``nn.Linear`` [out, in]; GPT-2 ``Conv1D`` [in, out])."""
+    if isinstance(module, Conv1D):
+        weight = module.weight.detach() if output else module.weight.detach().T
+    elif isinstance(module, torch.nn.Linear):
+        weight = module.weight.detach().T if output else module.weight.detach()
+    else:
+        raise _unsupported(arch, f"{name} is a {type(module).__name__}, not a Linear or Conv1D projection")
+    return weight
+
+
+def mlp_neuron_weights(bridge, hf_model: torch.nn.Module, layer: int) -> dict[str, torch.Tensor]:
+    """The dense MLP of block ``layer``, one row per neuron: ``"out"`` (its column of the down projection: what
+    it writes to the residual stream), ``"in"`` (its row of the up projection) and, where gated, ``"gate"``; each
+    [n_neurons, d_model], read from the bridge's adapter. A mixture of experts has no single neurons: refused."""
+    arch = type(hf_model).__name__
+    block = (getattr(getattr(bridge, "adapter", None), "component_mapping", None) or {}).get("blocks")
+    mlp = (getattr(block, "submodules", None) or {}).get("mlp")
+    if mlp is None or _is_moe(mlp):
+        raise _unsupported(arch, "neurons by their weights need a dense MLP in each block")
+    base = f"{block.name}.{layer}" + ("" if mlp.name is None else f".{mlp.name}")
+    subs, out = dict(mlp.submodules or {}), {}
+    if "JointGateUp" in type(mlp).__name__:  # Phi-3: one fused [gate; up] projection the bridge splits
+        path = f"{base}.gate_up_proj"
+        fused = _neuron_rows(_submodule(hf_model, path, arch, "the fused MLP projection"), path, arch, False)
+        out["gate"], out["in"] = fused.chunk(2, dim=0)
+        subs = {role: sub for role, sub in subs.items() if role == "out"}
+    for role, sub in subs.items():
+        if role in MLP_NEURON_ROLES:
+            path = f"{base}.{sub.name}"
+            module = _submodule(hf_model, path, arch, "the MLP projection")
+            out[MLP_NEURON_ROLES[role]] = _neuron_rows(module, path, arch, role == "out")
+    if "in" not in out or "out" not in out:
+        raise _unsupported(arch, f"its MLP {base} maps no input or no output projection ({sorted(subs)})")
+    return out
 
 
 # ------------------------------------------------------------------------------------------ calling conventions
@@ -284,6 +516,7 @@ class StoredWriter:
     axis: int
     gain_key: str | None = None
     gain_offset: float = 0.0
+    centered: bool = False  # the norm is a LayerNorm: the gained direction is centred (see PostNorm)
 
 
 def meta_architecture(config) -> tuple[Architecture, torch.nn.Module]:
@@ -353,7 +586,7 @@ def stored_writers(arch: Architecture, model: torch.nn.Module, shapes: dict[str,
     names = {id(p): n for n, p in model.named_parameters()}
     out = []
     for writer in arch.writers:
-        gain_key, offset = None, 0.0
+        gain_key, offset, centered = None, 0.0, writer.post_norm is not None and writer.post_norm.centered
         if writer.post_norm is not None and writer.post_norm.weight is not None:
             sources = stored.get(names[id(writer.post_norm.weight)], [])
             if len(sources) != 1 or sources[0][1]:
@@ -369,5 +602,6 @@ def stored_writers(arch: Architecture, model: torch.nn.Module, shapes: dict[str,
                 if axis >= len(shapes[key]) or shapes[key][axis] != d_model:
                     raise _unsupported(arch.name, f"checkpoint tensor {key} has shape {tuple(shapes[key])}, with no "
                                                   f"d_model={d_model} axis where {weight.name} has it")
-                out.append(StoredWriter(key, weight.name, axis, gain_key, offset))
+                out.append(StoredWriter(key, weight.name, axis, None, 0.0, False) if weight.after_norm
+                           else StoredWriter(key, weight.name, axis, gain_key, offset, centered))
     return out

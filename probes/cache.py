@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -26,10 +27,11 @@ from probes.architecture import on_residual
 from probes.devices import Halving, free_cuda_bytes, model_devices
 from probes.errors import WorkbenchError, as_list
 from probes.files import atomic_file, atomic_folder
+from probes.forward import PAD_MULTIPLE, pad_id, pad_token_ids, position_ids
 from probes.models import ModelHandle, default_device
 from probes.progress import progress_bar
-from probes.readers import check_safetensors, read_json
 from probes.provenance import weights_fingerprint
+from probes.readers import check_safetensors, read_json
 
 FORMAT_VERSION = 1
 RESIDUAL_HOOK = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
@@ -113,7 +115,9 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 @dataclass
 class ActivationCache:
-    """Activations ``acts`` [n_prompts, n_hooks, d_model] (one position) or [n_prompts, n_positions, n_hooks, d]."""
+    """Activations ``acts`` [n_prompts, n_hooks, d_model] (one position) or [n_prompts, n_positions, n_hooks, d];
+    with ``positions="all"``, [n_tokens, n_hooks, d]: every real token, prompt after prompt, ``meta["lengths"]``
+    tokens each."""
 
     acts: torch.Tensor
     hook_names: list[str]
@@ -127,10 +131,15 @@ class ActivationCache:
     def __len__(self) -> int:
         return self.acts.shape[0]
 
-    @property
-    def by_layer(self) -> torch.Tensor:
-        """The activations with the hook axis first: [n_hooks, n, (n_positions,) d] (a view)."""
-        return self.acts.movedim(-2, 0)
+    def first_tokens(self) -> torch.Tensor:
+        """For an all-tokens cache: [n_tokens] bool, True at each prompt's first token (an attention sink with a
+        norm many times the others', which readers of every token usually leave out)."""
+        if self.meta.get("positions") != "all":
+            raise ValueError("first_tokens() needs a cache of every token (extract with positions='all')")
+        starts = torch.tensor([0, *self.meta["lengths"][:-1]]).cumsum(0)
+        first = torch.zeros(self.acts.shape[0], dtype=torch.bool)
+        first[starts] = True
+        return first.to(self.acts.device)
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "ActivationCache":
         return ActivationCache(self.acts.to(device=device, dtype=dtype), self.hook_names, dict(self.meta))
@@ -187,8 +196,9 @@ def read_metadata(path: str | os.PathLike) -> dict:
     if "workbench" not in header:
         raise CacheError(f"{path} is a safetensors file but not a workbench activation cache (no metadata)")
     meta = json.loads(header["workbench"])
-    if meta.get("n_prompts") != shape[0]:
-        raise CacheError(f"activation cache {path} holds {shape[0]} rows but its metadata says {meta.get('n_prompts')}")
+    rows = sum(meta.get("lengths", [])) if meta.get("positions") == "all" else meta.get("n_prompts")
+    if rows != shape[0]:
+        raise CacheError(f"activation cache {path} holds {shape[0]} rows but its metadata says {rows}")
     return meta
 
 
@@ -296,6 +306,19 @@ class _DenseSink:
         self.acts[rows, :, slot] = values.to(self.acts.device, self.acts.dtype)
 
 
+class _TokenSink:
+    """Every real token of every prompt, prompt after prompt: acts [n_tokens, n_hooks, d]."""
+
+    def __init__(self, lengths: list[int], n_hooks: int, d: int, dtype: torch.dtype, device: torch.device):
+        self.starts = [0, *itertools.accumulate(lengths)]
+        self.acts = torch.empty(self.starts[-1], n_hooks, d, dtype=dtype, device=device)
+
+    def write(self, rows: torch.Tensor, slot: int, values: torch.Tensor) -> None:
+        """``values`` [n_real_tokens, d]: the tokens of ``rows``, row after row."""
+        index = torch.cat([torch.arange(self.starts[r], self.starts[r + 1]) for r in rows.tolist()])
+        self.acts[index.to(self.acts.device), slot] = values.to(self.acts.device, self.acts.dtype)
+
+
 class _MeanSink:
     def __init__(self, labels: torch.Tensor, n_groups: int, n_pos: int, n_hooks: int, d: int, device: torch.device):
         self.labels = labels.to(device)
@@ -371,29 +394,8 @@ def _plan(model: ModelHandle, prompts: Sequence[str], hooks, positions, spans, b
     return _Plan(prompts, hooks, spec, token_spans, input_ids, batches)
 
 
-# Batches are padded to a multiple of this many tokens: on a GPU every new (batch, length) shape costs a fresh
-# attention plan (cuDNN SDPA: ~2 ms of CPU each), which made batches of many lengths slower than few long ones.
-PAD_MULTIPLE = 8
-
-
-def pad_token_ids(model: ModelHandle, ids: Sequence[Sequence[int]], side: str,
-                  device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-id lists as one batch on ``device``, padded on ``side`` to a multiple of :data:`PAD_MULTIPLE`:
-    (input_ids, attention mask as long)."""
-    if side not in ("left", "right"):
-        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
-    width = -(-max(map(len, ids)) // PAD_MULTIPLE) * PAD_MULTIPLE
-    pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
-    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for r, row in enumerate(ids):
-        sl = slice(0, len(row)) if side == "right" else slice(width - len(row), width)
-        input_ids[r, sl] = torch.tensor(list(row), dtype=torch.long)
-        mask[r, sl] = 1
-    return input_ids.to(device), mask.to(device)
-
-
-def _run(model: ModelHandle, plan: _Plan, sink, padding_side: str, progress: bool, desc: str) -> None:
+def _run(model: ModelHandle, plan: _Plan, sink, padding_side: str, progress: bool, desc: str,
+         pad_multiple: int = PAD_MULTIPLE) -> None:
     """Forward passes over ``plan.batches``; each batch's activations reach ``sink`` only once its pass is done,
     so a batch cut in half after an out-of-memory error is never counted twice."""
     if padding_side not in ("left", "right"):
@@ -420,12 +422,12 @@ def _run(model: ModelHandle, plan: _Plan, sink, padding_side: str, progress: boo
                                                progress=progress))
 
         def run_batch(batch: list[int]) -> None:
-            ids, mask = pad_token_ids(model, [plan.input_ids[i] for i in batch], padding_side, device)
+            ids, mask = pad_token_ids([plan.input_ids[i] for i in batch], pad_id(model), padding_side, device,
+                                      pad_multiple)
             spans = [plan.token_spans[i] for i in batch] if plan.token_spans else None
             state["where"], state["pending"] = pos.resolve(plan.spec, mask, spans), []
-            position_ids = (mask.cumsum(1) - 1).clamp(min=0)
             try:
-                forward(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
+                forward(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
             except _StopForward:
                 pass
             rows = torch.tensor(batch)
@@ -437,22 +439,6 @@ def _run(model: ModelHandle, plan: _Plan, sink, padding_side: str, progress: boo
         with torch.inference_mode():
             for batch in plan.batches:
                 halving.run(batch, run_batch)
-
-
-def read_residual_pre(model: ModelHandle, layers: Sequence[int], read, **inputs) -> None:
-    """One forward pass of ``model.hf_model`` on ``inputs`` that hands the residual stream entering each block of
-    ``layers`` to ``read(layer, hidden)`` and stops after the last of them (the later blocks never run)."""
-    def store(slot: int, hidden: torch.Tensor, last: bool) -> None:
-        read(layers[slot], hidden)
-        if last:
-            raise _StopForward
-
-    with contextlib.ExitStack() as stack:
-        _add_layer_hooks(stack, model.architecture.blocks, [(layer, "pre") for layer in layers], store)
-        try:
-            model.hf_model(**inputs, use_cache=False)
-        except _StopForward:
-            pass
 
 
 def _add_layer_hooks(stack: contextlib.ExitStack, layers, points: list[tuple[int, str]], store) -> None:
@@ -484,16 +470,19 @@ def extract(model: ModelHandle, prompts: Sequence[str], hooks: Sequence[str] | N
             positions: pos.PositionSpec = "last", spans: Sequence[tuple[int, int]] | None = None,
             dtype: torch.dtype = torch.float32, batch_tokens: int | None = None, padding_side: str = "right",
             add_special_tokens: bool = True, progress: bool = True, max_device_bytes: int | None = None,
-            spill_dir: str | os.PathLike | None = None, device: str | torch.device | None = None
-            ) -> ActivationCache | ShardedActivationCache:
+            spill_dir: str | os.PathLike | None = None, device: str | torch.device | None = None,
+            pad_multiple: int = PAD_MULTIPLE) -> ActivationCache | ShardedActivationCache:
     """Activations of ``prompts`` (texts, or lists of token ids) at ``hooks`` (default: :func:`residual_hooks`).
 
     positions: ``"last"`` (last token), ``"span_last"`` / ``"span_mean"`` (last token of / mean over the character
-    span given per prompt in ``spans``, see :func:`probes.positions.mark_span`), or negative token indices such as
-    ``model.post_instruction_positions()``. The result lives on ``device`` (default: the model's input device, which
-    for a model spread over devices is where its embedding computes); if it would need more than
+    span given per prompt in ``spans``, see :func:`probes.positions.mark_span`), negative token indices such as
+    ``model.post_instruction_positions()``, or ``"all"`` (every real token: [n_tokens, n_hooks, d], prompt after
+    prompt, each prompt's count in ``meta["lengths"]``). The result lives on ``device`` (default: the model's input
+    device, which for a model spread over devices is where its embedding computes); if it would need more than
     ``max_device_bytes`` (default: 80% of free CUDA memory, unlimited on the CPU) it is written to ``spill_dir`` in
-    shards and a :class:`ShardedActivationCache` is returned instead.
+    shards and a :class:`ShardedActivationCache` is returned instead (not for ``"all"``: that raises instead).
+    Each batch is padded to a multiple of ``pad_multiple`` tokens (:func:`probes.forward.pad_token_ids`; 1: to its
+    longest prompt, as a tokenizer pads).
     """
     device = torch.device(device) if device is not None else model.device
     plan = _plan(model, prompts, hooks, positions, spans, batch_tokens or default_batch_tokens(model.device, model),
@@ -506,17 +495,34 @@ def extract(model: ModelHandle, prompts: Sequence[str], hooks: Sequence[str] | N
             "positions": plan.spec if isinstance(plan.spec, str) else list(plan.spec), "dtype": _dtype_name(dtype),
             "n_prompts": n, "width": width, "prompts_sha256": _prompts_digest(plan.prompts, spans),
             "weights": weights_fingerprint(model)}
+    if plan.spec == "all":
+        return _extract_tokens(model, plan, meta, dtype, device, budget, padding_side, progress, pad_multiple)
     if n * row_bytes > budget:
         if spill_dir is None:
             raise ValueError(f"the cache needs {n * row_bytes / 2**30:.2f} GiB, over the device budget of "
                              f"{budget / 2**30:.2f} GiB: pass spill_dir= to write it to disk in shards")
         return _extract_sharded(model, plan, meta, dtype, max(1, budget // (2 * row_bytes)), padding_side,
-                                progress, Path(spill_dir))
+                                progress, Path(spill_dir), pad_multiple)
     sink = _DenseSink(n, n_pos, n_hooks, width, dtype, device)
-    _run(model, plan, sink, padding_side, progress, "extract")
+    _run(model, plan, sink, padding_side, progress, "extract", pad_multiple)
     acts = sink.acts.squeeze(1) if isinstance(plan.spec, str) else sink.acts
     meta.pop("hook_names")
     return ActivationCache(acts, plan.hooks, meta)
+
+
+def _extract_tokens(model: ModelHandle, plan: _Plan, meta: dict, dtype: torch.dtype, device: torch.device,
+                    budget: float, padding_side: str, progress: bool, pad_multiple: int) -> ActivationCache:
+    """Every real token of every prompt, in memory on ``device`` (too many for the budget: read fewer prompts per
+    call)."""
+    lengths = [len(ids) for ids in plan.input_ids]
+    n_bytes = sum(lengths) * len(plan.hooks) * meta["width"] * torch.empty((), dtype=dtype).element_size()
+    if n_bytes > budget:
+        raise ValueError(f"every token of these prompts needs {n_bytes / 2**30:.2f} GiB, over the device budget of "
+                         f"{budget / 2**30:.2f} GiB: extract fewer prompts per call")
+    sink = _TokenSink(lengths, len(plan.hooks), meta["width"], dtype, device)
+    _run(model, plan, sink, padding_side, progress, "extract", pad_multiple)
+    meta = {k: v for k, v in meta.items() if k != "hook_names"}
+    return ActivationCache(sink.acts, plan.hooks, {**meta, "lengths": lengths})
 
 
 def _free_device_bytes(device: torch.device) -> float:
@@ -527,7 +533,7 @@ def _free_device_bytes(device: torch.device) -> float:
 
 
 def _extract_sharded(model: ModelHandle, plan: _Plan, meta: dict, dtype, rows_per_shard: int, padding_side: str,
-                     progress: bool, directory: Path) -> ShardedActivationCache:
+                     progress: bool, directory: Path, pad_multiple: int) -> ShardedActivationCache:
     if directory.exists():
         raise CacheError(f"{directory} exists already; remove it or choose another spill_dir")
     with atomic_folder(directory) as tmp:  # shards and meta.json are one unit
@@ -541,7 +547,7 @@ def _extract_sharded(model: ModelHandle, plan: _Plan, meta: dict, dtype, rows_pe
             sub.batches = _rebatch(plan.batches, rows)
             sink = _DenseSink(len(rows), pos.n_positions(plan.spec), len(plan.hooks), meta["width"], dtype,
                               model.device)
-            _run(model, sub, sink, padding_side, progress, f"shard {k}")
+            _run(model, sub, sink, padding_side, progress, f"shard {k}", pad_multiple)
             name = f"shard-{k:05d}.safetensors"
             save_file({"acts": sink.acts.movedim(2, 0).contiguous()}, str(tmp / name))
             shards.append(name)
@@ -565,6 +571,8 @@ def extract_group_means(model: ModelHandle, prompts: Sequence[str], labels: Sequ
     """Mean activation per label (float64, on ``device``, default the model's input device) without keeping any
     row: for difference-in-means."""
     labels = list(labels)
+    if positions == "all":
+        raise ValueError("group means are taken at fixed positions; positions='all' is for extract")
     if len(labels) != len(prompts):
         raise ValueError(f"{len(labels)} labels for {len(prompts)} prompts")
     groups = sorted(set(labels), key=str)

@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 from probes.errors import WorkbenchError
@@ -42,18 +43,30 @@ def one_line(err: BaseException) -> str:
     return "; ".join(lines) or type(err).__name__
 
 
-def run_cli(main: Callable[[list[str] | None], object], argv: Sequence[str] | None = None) -> None:
+def run_cli(main: Callable[[list[str] | None], object], argv: Sequence[str] | None = None,
+            kept: str = "nothing half-written is left in the output folder") -> None:
     """Run a CLI's ``main(argv)``; a user error (:data:`USER_ERRORS`) prints ``error: <message>`` on one line and
-    exits with status 2, unless ``--debug`` is given (then the traceback is shown)."""
+    exits with status 2, unless ``--debug`` is given (then the traceback is shown). Ctrl-C prints one line saying
+    what was interrupted and what was ``kept``, and exits with status 130."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--debug" in argv:
-        main(argv)
-        return
     try:
-        main(argv)
-    except USER_ERRORS as err:
-        print(f"error: {one_line(err)}", file=sys.stderr)
-        raise SystemExit(2) from None
+        if "--debug" in argv:
+            main(argv)
+            return
+        try:
+            main(argv)
+        except USER_ERRORS as err:
+            print(f"error: {one_line(err)}", file=sys.stderr)
+            raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print(f"interrupted: {_program()} stopped; {kept}", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def _program() -> str:
+    """The running command as a user typed it: ``python -m steering.refusal`` rather than ``__main__.py``."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return f"python -m {spec.name}" if spec and spec.name else Path(sys.argv[0]).name
 
 
 def _number(text: str, kind: type, what: str, ok: Callable[[float], bool]):
@@ -95,6 +108,16 @@ def number_list(text: str) -> list[float]:
     """argparse type: comma-separated finite numbers, e.g. ``0.5,2``."""
     return [_number(x.strip(), float, f"a number (in {text!r}; write e.g. 0.5,2)", lambda v: True)
             for x in text.split(",")]
+
+
+def name_list(text: str) -> list[str]:
+    """argparse type: comma-separated names, e.g. ``world_place,art``."""
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def positive_int_list(text: str) -> list[int]:
+    """argparse type: comma-separated counts, e.g. ``1,4,16``."""
+    return [positive_int(x.strip()) for x in text.split(",")]
 
 
 def layer_list(text: str) -> list[int]:

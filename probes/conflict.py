@@ -1,5 +1,6 @@
 """Knowledge-conflict prompts (Zhao et al. 2024, SpARE): few-shot context + question -> short answer prompts,
-open-domain-QA exact match, NQ-Swap and "known facts" conflict examples, and grouping answers by behaviour.
+NQ-Swap and "known facts" conflict examples, and grouping answers by behaviour (open-domain-QA exact match,
+:func:`probes.metrics.exact_match`).
 
 A conflict example pairs a question with two contexts: the original one (states the answer the model is meant to
 have memorised) and a substituted one (states a different answer). On the substituted context, answering with its
@@ -11,23 +12,21 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import re
-import unicodedata
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Literal, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-import torch
 
+from probes.cli_args import positive_int
 from probes.datasets import ENTITY_DATASETS, NQSWAP_COLUMNS, load_entities
-from probes.devices import Halving
-from probes.errors import as_list
 from probes.files import atomic_file, check_not_shipped
+from probes.forward import generate
+from probes.metrics import exact_match, normalize_answer
 from probes.models import ModelHandle
-from probes.progress import progress_bar
 from probes.readers import read_jsonl_gz
+from probes.settings import BatchSettings, ModelSettings, RunSettings, parse_settings, setting
 
 USES_CONTEXT, USES_MEMORY, NEITHER = "context", "memory", "neither"
 
@@ -88,25 +87,6 @@ def conflict_prompts(examples: Sequence[ConflictExample], context: Literal["sub"
         raise ValueError(f"context must be 'sub', 'org' or 'none', got {context!r}")
     pick = {"sub": lambda e: e.sub_context, "org": lambda e: e.org_context, "none": lambda e: None}[context]
     return [conflict_prompt(pick(e), e.question, demonstrations) for e in examples]
-
-
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-
-
-def normalize_answer(text: str) -> str:
-    """Open-domain-QA normalisation (as in SQuAD/NQ): lowercase, drop punctuation (any Unicode punctuation
-    character) and the articles a/an/the, collapse whitespace."""
-    text = "".join(ch for ch in str(text).lower() if not unicodedata.category(ch).startswith("P"))
-    return " ".join(_ARTICLES.sub(" ", text).split())
-
-
-def exact_match(prediction: str, answers: str | Sequence[str]) -> bool:
-    """Whether the normalised prediction equals any normalised answer."""
-    answers = [answers] if isinstance(answers, str) else list(answers)
-    if not answers:
-        raise ValueError("exact_match needs at least one answer")
-    predicted = normalize_answer(prediction)
-    return any(predicted == normalize_answer(a) for a in answers)
 
 
 def nqswap_examples(frame: pd.DataFrame) -> list[ConflictExample]:
@@ -300,42 +280,18 @@ def known_facts_candidates(kinds: Sequence[str] = tuple(FACT_KINDS), n: int | No
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# running the model on raw (not chat-formatted) few-shot prompts
+# the model's answers to raw (not chat-formatted) few-shot prompts: greedy, the first line of the continuation
 
-
-@torch.inference_mode()
-def generate_answers(model: ModelHandle, prompts: Sequence[str], max_new_tokens: int = 10, batch_size: int = 16,
-                     progress: bool = True) -> list[str]:
-    """Greedy short answers to raw few-shot prompts (no chat template), batched with left padding on the plain HF
-    model (so steering hooks apply); each answer is the first line of the continuation, stripped."""
-    prompts = as_list(prompts, "prompts")
-    if not prompts:
-        raise ValueError("no prompts to generate from")
-    tokenizer = model.tokenizer
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out: list[str] = [""] * len(prompts)
-    bar = progress_bar(total=len(prompts), desc="answers", unit="prompt", progress=progress)
-
-    def run(rows: list[int]) -> None:
-        enc = tokenizer([prompts[i] for i in rows], return_tensors="pt", padding=True,
-                        padding_side="left").to(model.device)
-        new = model.hf_model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                      pad_token_id=tokenizer.pad_token_id)[:, enc["input_ids"].shape[1]:]
-        for i, text in zip(rows, tokenizer.batch_decode(new, skip_special_tokens=True)):
-            out[i] = text.strip().split("\n", 1)[0].strip()
-        bar.update(len(rows))
-
-    halving = Halving("answers")  # out of device memory: half the batch, and on
-    with bar:
-        for start in range(0, len(order), batch_size):
-            halving.run(order[start:start + batch_size], run)
-    return out
+ANSWER_TOKENS = 10  # tokens generated per answer
+ANSWER_BATCH = 16   # prompts per generation batch
 
 
 def closed_book_answers(model: ModelHandle, examples: Sequence[ConflictExample],
                         demonstrations: Sequence[Demonstration] = DEMONSTRATIONS, **generation) -> list[str]:
-    """The model's answers to the questions without any context (keyword arguments go to generate_answers)."""
-    return generate_answers(model, conflict_prompts(examples, "none", demonstrations), **generation)
+    """The model's short answers to the questions without any context (keyword arguments, e.g. ``batch_size``, go
+    to :func:`probes.forward.generate`)."""
+    options = {"max_new_tokens": ANSWER_TOKENS, "batch_size": ANSWER_BATCH, **generation}
+    return generate(model, conflict_prompts(examples, "none", demonstrations), chat=False, first_line=True, **options)
 
 
 def filter_known(model: ModelHandle, examples: Sequence[ConflictExample],
@@ -407,7 +363,7 @@ def build_known_facts(model: ModelHandle, kinds: Sequence[str] = tuple(FACT_KIND
                       seed: int = 0, max_per_kind: int | None = KNOWN_FACTS_MAX_PER_KIND,
                       **generation) -> list[ConflictExample]:
     """The candidates of :func:`known_facts_candidates` that ``model`` answers correctly closed book, at most
-    ``max_per_kind`` of each kind (keyword arguments go to :func:`generate_answers`)."""
+    ``max_per_kind`` of each kind (keyword arguments go to :func:`closed_book_answers`)."""
     return cap_per_kind(filter_known(model, known_facts_candidates(kinds, n=n, seed=seed), **generation),
                         max_per_kind)
 
@@ -470,44 +426,50 @@ def _kind_list(text: str) -> list[str]:
     return kinds
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Build and save the known-facts conflict set of a model."""
-    from probes.cli_args import ArgumentParser, positive_int
+@dataclass(kw_only=True)
+class ConflictSettings(ModelSettings, RunSettings, BatchSettings):
+    """Build and save the known-facts conflict set of a model: the candidates of each fact kind that it answers
+    correctly closed book (``seed``: the substituted answers)."""
+
+    kinds: list[str] = setting(list(FACT_KINDS), "fact kinds, comma-separated", parse=_kind_list)
+    rows_per_kind: int | None = setting(KNOWN_FACTS_N, "most popular rows read per fact kind", parse=positive_int)
+    max_per_kind: int | None = setting(KNOWN_FACTS_MAX_PER_KIND, "known facts kept per kind, the most popular first "
+                                       "(keeps one kind from dominating)", parse=positive_int)
+    batch_size: int = setting(16, "prompts per forward pass (answered at once)", parse=positive_int)
+    out: Path | None = setting(None, "the file to write (default: data/known_facts/<model>.jsonl.gz)", parse=Path)
+    answers: Path | None = setting(None, "also write every candidate's closed-book answer here (gzip JSON lines)",
+                                   parse=Path)
+    update_shipped: bool = setting(False, "allow replacing a file in the shipped data/ folder (the embedded model's "
+                                          "facts)")
+
+
+def main(argv: list[str] | None = None) -> list[ConflictExample]:
+    return build_known_facts_file(parse_settings(ConflictSettings, argv, ConflictSettings.__doc__))
+
+
+def build_known_facts_file(settings: ConflictSettings) -> list[ConflictExample]:
+    """The known facts of ``settings.model``, saved to ``settings.out`` (an existing file only with ``overwrite``,
+    a shipped one only with ``update_shipped``, both checked before any work)."""
     from probes.models import layer_count, load_model
 
-    parser = ArgumentParser(main.__doc__)
-    parser.add_argument("--model", default="embedded")
-    parser.add_argument("--kinds", type=_kind_list, default=list(FACT_KINDS),
-                        help=f"fact kinds, comma-separated (default all: {','.join(FACT_KINDS)})")
-    parser.add_argument("--n", type=positive_int, default=KNOWN_FACTS_N, help="most popular rows read per fact kind")
-    parser.add_argument("--max-per-kind", type=positive_int, default=KNOWN_FACTS_MAX_PER_KIND,
-                        help="known facts kept per kind, the most popular first (keeps one kind from dominating)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=positive_int, default=16, help="prompts answered at once")
-    parser.add_argument("--out", type=Path, default=None, help="default: data/known_facts/<model>.jsonl.gz")
-    parser.add_argument("--answers", type=Path, default=None,
-                        help="also write every candidate's closed-book answer here (gzip JSON lines)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing file")
-    parser.add_argument("--update-shipped", action="store_true",
-                        help="allow replacing a file in the shipped data/ folder (the embedded model's facts)")
-    args = parser.parse_args(argv)
-    path = _output_path(args.out, args.model, args.overwrite, args.update_shipped)
-    layer_count(args.model)  # an unknown model is refused before the candidates are built
-    candidates = known_facts_candidates(args.kinds, n=args.n, seed=args.seed)
-    model = load_model(args.model)
-    answers = closed_book_answers(model, candidates, batch_size=args.batch_size)
-    if args.answers:
-        _save_answers(candidates, answers, args.answers)
+    path = _output_path(settings.out, settings.model, settings.overwrite, settings.update_shipped)
+    layer_count(settings.model)  # an unknown model is refused before the candidates are built
+    candidates = known_facts_candidates(settings.kinds, n=settings.rows_per_kind, seed=settings.seed)
+    model = load_model(settings.model, **settings.load_kwargs())
+    answers = closed_book_answers(model, candidates, batch_size=settings.batch_size)
+    if settings.answers:
+        _save_answers(candidates, answers, settings.answers)
     known = answered_correctly(candidates, answers)
     if not known:
-        raise ValueError(f"{args.model} answers none of the {len(candidates)} candidates correctly; nothing saved")
-    examples = cap_per_kind(known, args.max_per_kind)
-    save_examples(examples, path, overwrite=args.overwrite)
+        raise ValueError(f"{settings.model} answers none of the {len(candidates)} candidates correctly; nothing saved")
+    examples = cap_per_kind(known, settings.max_per_kind)
+    save_examples(examples, path, overwrite=settings.overwrite)
     print(f"{len(examples)} known facts -> {path}\nper kind: {kind_counts(examples)}")
     print(f"answered correctly closed book: {kind_counts(known)} of candidates {kind_counts(candidates)}")
+    return examples
 
 
 if __name__ == "__main__":
     from probes.cli_args import run_cli
 
-    run_cli(main)
+    run_cli(main, kept="the facts file is written only once complete: nothing half-written is left")

@@ -82,6 +82,9 @@ def extract_distributed(model: ModelHandle, prompts: Sequence, directory: str | 
     prompts, directory = list(prompts), Path(directory)
     if not prompts:
         raise ValueError("the prompt list is empty")
+    if options.get("positions") == "all":
+        raise ValueError("positions='all' keeps every token in memory and has no sharded format; extract it with "
+                         "probes.cache.extract")
     rows = share(len(prompts), rank, world_size)
     with contextlib.ExitStack() as stack:
         tmp = Path(_from_rank0(lambda: str(stack.enter_context(atomic_folder(directory, overwrite=overwrite)))))

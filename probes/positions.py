@@ -8,19 +8,25 @@ from typing import Sequence, Union
 import torch
 
 PositionSpec = Union[str, Sequence[int]]
-POSITION_MODES = ("last", "span_last", "span_mean")
+# "all": every real token of every prompt (a cache of [n_tokens, n_hooks, d], see probes.cache.extract)
+POSITION_MODES = ("last", "span_last", "span_mean", "all")
 
 
 @dataclass(frozen=True)
 class ResolvedPositions:
-    """For a padded batch: ``index`` [b, P] token indices to gather, or ``weights`` [b, s] to average over."""
+    """For a padded batch: ``index`` [b, P] token indices to gather, ``weights`` [b, s] to average over, or
+    ``tokens`` [b, s] (bool) to keep every real token."""
 
     index: torch.Tensor | None
     weights: torch.Tensor | None
+    tokens: torch.Tensor | None = None
 
     def gather(self, hidden: torch.Tensor) -> torch.Tensor:
         """[b, s, d] -> [b, P, d]: only the requested tokens, never a copy of the whole sequence (on ``hidden``'s
-        device, which differs from block to block on a model spread over devices)."""
+        device, which differs from block to block on a model spread over devices); [n_real_tokens, d], row after
+        row, for every token."""
+        if self.tokens is not None:
+            return hidden[self.tokens.to(hidden.device)]
         if self.weights is not None:
             return torch.einsum("bs,bsd->bd", self.weights.to(hidden.device, hidden.dtype), hidden).unsqueeze(1)
         idx = self.index.to(hidden.device).unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
@@ -74,6 +80,8 @@ def resolve(spec: PositionSpec, attention_mask: torch.Tensor,
     first = (attention_mask.cumsum(1) == 0).sum(1)
     if spec == "last":
         return ResolvedPositions(index=(first + lengths - 1).unsqueeze(1), weights=None)
+    if spec == "all":
+        return ResolvedPositions(index=None, weights=None, tokens=attention_mask.bool())
     if isinstance(spec, str):
         spans = torch.tensor(token_spans, device=attention_mask.device)
         lo, hi = first + spans[:, 0], first + spans[:, 1]

@@ -5,19 +5,21 @@ several runs, both opening offline from the file system.
 
 Figures are embedded as plotly divs that load the run folder's one ``plotly.min.js`` (written by
 :func:`probes.files.write_plotlyjs`); nothing is fetched from the network. Experiments build their tables from their
-results dict and call :func:`write_report`; this module only knows the results.json contracts (DESIGN.md), never the
-experiments' code (``probes`` does not import ``steering``).
+results dict and call :func:`write_report`; this module only knows the results.json contracts (docs/results.md),
+never the experiments' code (``probes`` does not import ``steering``).
 """
 
 from __future__ import annotations
 
 import html
 import json
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from probes.cli_args import ArgumentParser, run_cli
+from probes.errors import WorkbenchError
 from probes.files import atomic_write_text, write_plotlyjs
 from probes.readers import read_json
 
@@ -37,6 +39,23 @@ class Table:
     rows: Sequence[Sequence[Any]]
     note: str = ""
     link: str = ""
+
+    def __post_init__(self):
+        if self.link and not _safe_link(self.link):
+            raise WorkbenchError(f"table link {self.link!r} refused: a report links only to relative paths and "
+                                 "http(s) addresses")
+
+    def _repr_html_(self) -> str:
+        """A notebook shows the table as the report page does."""
+        return table_html(self)
+
+
+def _safe_link(link: str) -> bool:
+    """A relative path (no scheme, not protocol-relative) or an http(s) address: nothing a page would run."""
+    parts = urllib.parse.urlsplit(link.strip())
+    if parts.scheme:
+        return parts.scheme.lower() in ("http", "https") and bool(parts.netloc)
+    return not link.strip().startswith("//") and not any(ord(c) < 32 for c in link)
 
 
 @dataclass
@@ -149,7 +168,7 @@ def _spare_headline(r: dict) -> list[list[Any]]:
     return rows
 
 
-# How to recognise each experiment's results.json by its contract keys (DESIGN.md), and its headline numbers.
+# How to recognise each experiment's results.json by its contract keys (docs/results.md), and its headline numbers.
 HEADLINES = (("refusal_score", "steering.refusal", _refusal_headline),
              ("steer_to_context", "steering.spare", _spare_headline),
              ("datasets", "probes.space_time", _space_time_headline),

@@ -1,7 +1,8 @@
 """Gurnee & Tegmark (2023), "Language Models Represent Space and Time": linear probes for place and date, by layer.
 
     python -m probes.space_time --model embedded \
-        --datasets world_place,us_place,nyc_place,art,historical_figure,headline --n 3000 --out runs/space_time
+        --datasets world_place,us_place,nyc_place,art,historical_figure,headline --n-entities 3000 \
+        --out runs/space_time
 
 For each dataset: activations at the last token of the entity under each prompt template, one ridge probe per layer
 fitted on the train split and scored on the test split (R², Spearman), then held-out blocks (a country, state,
@@ -14,24 +15,26 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
+from probes import space_time_analyses as analyses
 from probes.cache import extract, residual_hooks
-from probes.cli_args import ArgumentParser, add_placement_args, placement, positive_int, run_cli
+from probes.cli_args import name_list, positive_int, positive_int_list, run_cli
 from probes.datasets import EntityData, load_entities
 from probes.errors import WorkbenchError, as_list
 from probes.files import atomic_write_json, prepare_run_folder
 from probes.linear import DEFAULT_ALPHAS, RidgeProbe
 from probes.metrics import bootstrap_r2, haversine_km, proximity_error, r2_score, spearman
-from probes.models import ModelHandle, load_model, random_twin
+from probes.models import ModelHandle, load_model
 from probes.positions import mark_span
 from probes.provenance import weights_fingerprint
+from probes.random_models import random_twin
 from probes.report import interval
+from probes.settings import ModelSettings, RunSettings, parse_settings, setting
 
 ALL_DATASETS = ("world_place", "us_place", "nyc_place", "art", "historical_figure", "headline")
 
@@ -65,7 +68,6 @@ class ProbeResult:
     predictions: np.ndarray
     truth: np.ndarray
     peak: dict
-    extra: dict = field(default_factory=dict)
 
 
 def entity_activations(model: ModelHandle, data: EntityData, template: str, dtype: torch.dtype = torch.float32,
@@ -203,62 +205,117 @@ def check_choices(datasets: Sequence[str], templates: Sequence[str]) -> None:
         raise WorkbenchError(f"unknown template(s) {bad or templates}; choose from {list(TEMPLATES[datasets[0]])}")
 
 
-def reproduce(model: ModelHandle, datasets: Sequence[str], n: int | None,
-              templates: Sequence[str] = ("empty", "question"), alphas: Sequence[float] = DEFAULT_ALPHAS,
-              n_blocks: int = 5, neuron_ks: Sequence[int] = (1, 4, 16, 64), seed: int = 0,
-              progress: bool = True, on_dataset: Callable[[dict], None] | None = None, controls: bool = True
-              ) -> tuple[dict, dict[str, dict[str, ProbeResult]]]:
-    """The whole reproduction: the results dict (DESIGN.md contract plus details) and every probe run by dataset.
+@dataclass(kw_only=True)
+class SpaceTimeSettings(ModelSettings, RunSettings):
+    """Which datasets, how many entities, which prompts, and the analyses beside the probes (``seed``: the split,
+    the random twin and the shuffled targets)."""
+
+    datasets: list[str] = setting(list(ALL_DATASETS), "entity datasets, comma-separated", parse=name_list)
+    n_entities: int | None = setting(3000, "entities per dataset (most popular first)", parse=positive_int)
+    templates: list[str] = setting(["empty", "question"], "prompt templates, comma-separated (the first one is "
+                                   "probed in depth): empty, question", parse=name_list)
+    controls: bool = setting(True, "the random-weights and shuffled-targets controls (--no-controls skips them, "
+                                   "faster)")
+    n_blocks: int = setting(5, "blocks held out one at a time (the most frequent first)", parse=positive_int)
+    neuron_ks: list[int] = setting([1, 4, 16, 64], "sizes of the top-k neuron probes", parse=positive_int_list)
+    mlp: bool = setting(True, "the paper's MLP probe (256 hidden units, AdamW, weight decay chosen on a validation "
+                              "split) against ridge at every layer (--no-mlp skips it)")
+    mlp_epochs: int = setting(20, "most epochs of the MLP probe (early stopping after 3 without progress)",
+                              parse=positive_int)
+    mlp_batch_size: int = setting(512, "mini-batch size of the MLP probe", parse=positive_int)
+    pca: bool = setting(True, "ridge probes on the top-k principal components (--no-pca skips them)")
+    pca_ks: list[int] = setting([1, 2, 5, 10, 20, 50, 100, 200], "numbers of principal components (d_model is "
+                                "added)", parse=positive_int_list)
+    prompt_transfer: bool = setting(True, "the cross-prompt transfer matrix and probe cosines at the best layer "
+                                          "(--no-prompt-transfer skips them)")
+    variants: bool = setting(True, "the paper's prompt variants of each template (10 random tokens before it, the "
+                                   "entity in capitals) in the transfer matrix (--no-variants: templates only)")
+    entity_types: bool = setting(True, "probes trained on one entity type, tested on another (--no-entity-types "
+                                       "skips them)")
+    neuron_weights: bool = setting(True, "neurons by the cosine of their weights with the probe direction "
+                                         "(--no-neuron-weights skips it)")
+    ridge_views: bool = setting(True, "the ridge probe's train-test gap and R² of each target, per layer "
+                                      "(--no-ridge-views skips them)")
+    compare_models: list[str] = setting([], "other models probed side by side (R² by layer against depth; "
+                                        "comma-separated names; random-twin: the model's random-weights twin)",
+                                        parse=name_list)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choices(self.datasets, self.templates)
+
+
+def reproduce(model: ModelHandle, settings: SpaceTimeSettings, progress: bool = True,
+              on_dataset: Callable[[dict], None] | None = None) -> tuple[dict, dict[str, dict[str, ProbeResult]]]:
+    """The whole reproduction: the results dict (docs/results.md) and every probe run by dataset.
 
     ``on_dataset(results)`` is called after each dataset with the results so far (to save partial progress).
-    ``controls`` adds ``results["controls"][dataset]``: test R² by layer (first template) of the same probe on a
-    random-weights twin of the model and on shuffled targets (:func:`control_curves`), and
+    ``settings.controls`` adds ``results["controls"][dataset]``: test R² by layer (first template) of the same probe
+    on a random-weights twin of the model and on shuffled targets (:func:`control_curves`), and
     ``results["control_peaks"][dataset]``: each control's peak, as the dataset's own ``peak`` entry (the best layer,
     its test R², 95% bootstrap interval over the test entities and n).
     """
-    check_choices(datasets, templates)
-    results: dict = {"model": model.name, "n": n, "templates": list(templates), "datasets": {}}
-    twin = random_twin(model, seed) if controls else None
+    seed = settings.seed
+    results: dict = {"model": model.name, "n": settings.n_entities, "templates": list(settings.templates),
+                     "datasets": {}, "settings": settings.to_dict()}
+    twin = random_twin(model, seed) if settings.controls else None
     if twin is not None:
         results["controls"], results["control_peaks"] = {}, {}
         results["control_model"] = {"name": twin.name, "seed": seed,
                                     "weights_fingerprint": weights_fingerprint(twin)}
     runs_by_dataset: dict[str, dict[str, ProbeResult]] = {}
-    for name in datasets:
-        start = time.perf_counter()
-        data = load_entities(name, n=n, seed=seed)
-        runs, acts_main = {}, None
-        for template in templates:
-            acts = entity_activations(model, data, TEMPLATES[name][template], progress=progress)
-            runs[template] = fit_layers(acts, data, alphas, template)
-            if acts_main is None:
-                acts_main = acts
-        main = runs[templates[0]]
-        best = main.best_layer
-        entry = {"targets": list(data.target_names), "layers": main.layers, "r2": main.r2, "spearman": main.spearman,
-                 "best_layer": best, "best_r2": main.best_r2, "n_train": int((~data.is_test).sum()),
-                 "n_test": int(data.is_test.sum()), "alphas": main.alphas, "peak": main.peak,
-                 "sklearn_ridgecv_r2_at_best_layer": sklearn_reference_r2(acts_main[:, best], data, alphas),
-                 "templates": {t: {"r2": r.r2, "best_layer": r.best_layer, "best_r2": r.best_r2}
-                               for t, r in runs.items()}}
-        if data.kind == "space":
-            entry.update(place_errors(main))
-        entry["heldout_blocks"] = heldout_blocks(acts_main[:, best], data, BLOCK_COLUMNS[name], n_blocks, alphas)
-        neuron_layer = max(0, min(best, model.n_layers) - 1)  # MLP of the block feeding the best residual layer
-        neurons = entity_activations(model, data, TEMPLATES[name][templates[0]],
-                                     hooks=[f"blocks.{neuron_layer}.mlp.hook_post"], progress=progress)[:, 0]
-        entry["neurons"] = {"layer": neuron_layer, **neuron_analysis(neurons, data, neuron_ks, alphas)}
-        if twin is not None:
-            fits = control_curves(twin, acts_main, data, TEMPLATES[name][templates[0]], alphas, seed, progress)
-            results["controls"][name] = {control: fit.r2 for control, fit in fits.items()}
-            results["control_peaks"][name] = {control: fit.peak for control, fit in fits.items()}
-        entry["seconds"] = time.perf_counter() - start
-        results["datasets"][name] = entry
-        runs_by_dataset[name] = runs
-        del acts_main
+    for name in settings.datasets:
+        runs_by_dataset[name] = _probe_dataset(model, name, settings, results, twin, progress)
         if on_dataset is not None:
             on_dataset(results)
+    if settings.compare_models:
+        from probes import space_time_models
+
+        models = space_time_models.resolve_models([model.name, *settings.compare_models], model, seed,
+                                                  **settings.load_kwargs())
+        results["models_side_by_side"] = space_time_models.models_side_by_side(
+            models, settings.datasets, settings.n_entities, settings.templates[0], seed, progress)
     return results, runs_by_dataset
+
+
+def _probe_dataset(model: ModelHandle, name: str, settings: SpaceTimeSettings, results: dict,
+                   twin: ModelHandle | None, progress: bool) -> dict[str, ProbeResult]:
+    """One dataset: a probe per template, held-out blocks, neurons and controls, written into ``results``; returns
+    the probe of each template."""
+    templates, seed, alphas = settings.templates, settings.seed, DEFAULT_ALPHAS
+    start = time.perf_counter()
+    data = load_entities(name, n=settings.n_entities, seed=seed)
+    runs, acts_by_template = {}, {}
+    for template in templates:
+        acts_by_template[template] = entity_activations(model, data, TEMPLATES[name][template], progress=progress)
+        runs[template] = fit_layers(acts_by_template[template], data, alphas, template)
+    acts_main = acts_by_template[templates[0]]
+    main = runs[templates[0]]
+    best = main.best_layer
+    entry = {"targets": list(data.target_names), "layers": main.layers, "r2": main.r2, "spearman": main.spearman,
+             "best_layer": best, "best_r2": main.best_r2, "n_train": int((~data.is_test).sum()),
+             "n_test": int(data.is_test.sum()), "alphas": main.alphas, "peak": main.peak,
+             "sklearn_ridgecv_r2_at_best_layer": sklearn_reference_r2(acts_main[:, best], data, alphas),
+             "templates": {t: {"r2": r.r2, "best_layer": r.best_layer, "best_r2": r.best_r2}
+                           for t, r in runs.items()}}
+    if data.kind == "space":
+        entry.update(place_errors(main))
+    entry["heldout_blocks"] = heldout_blocks(acts_main[:, best], data, BLOCK_COLUMNS[name], settings.n_blocks,
+                                             alphas)
+    neuron_layer = max(0, min(best, model.n_layers) - 1)  # MLP of the block feeding the best residual layer
+    neurons = entity_activations(model, data, TEMPLATES[name][templates[0]],
+                                 hooks=[f"blocks.{neuron_layer}.mlp.hook_post"], progress=progress)[:, 0]
+    entry["neurons"] = {"layer": neuron_layer, **neuron_analysis(neurons, data, settings.neuron_ks, alphas)}
+    entry.update(analyses.dataset_analyses(model, data, settings, {t: TEMPLATES[name][t] for t in templates},
+                                           acts_by_template, best, neurons, neuron_layer, BLOCK_COLUMNS[name],
+                                           progress))
+    if twin is not None:
+        fits = control_curves(twin, acts_main, data, TEMPLATES[name][templates[0]], alphas, seed, progress)
+        results["controls"][name] = {control: fit.r2 for control, fit in fits.items()}
+        results["control_peaks"][name] = {control: fit.peak for control, fit in fits.items()}
+    entry["seconds"] = time.perf_counter() - start
+    results["datasets"][name] = entry
+    return runs
 
 
 def run_outputs() -> tuple[str, ...]:
@@ -268,54 +325,43 @@ def run_outputs() -> tuple[str, ...]:
     return ("results.json", "plotly.min.js", *FIGURE_FILES)
 
 
-def run(model: ModelHandle, datasets: Sequence[str], n: int | None, out: Path, overwrite: bool = False,
-        **kwargs) -> dict:
-    """:func:`reproduce`, then ``OUT/results.json`` and the HTML figures.
+def run(settings: SpaceTimeSettings, model: ModelHandle | None = None, progress: bool = True
+        ) -> tuple[dict, dict[str, dict[str, ProbeResult]]]:
+    """The experiment as ``settings`` say, into the run folder ``settings.out``: :func:`reproduce`, then
+    ``OUT/results.json``, the HTML figures and the report page; returns the results and the probe runs by dataset
+    (what :mod:`probes.space_time_plots` draws). ``model``: already loaded (default: ``settings.model``, loaded once
+    the folder is accepted).
 
     ``results.json`` is rewritten after each dataset with ``"complete": false`` until the whole run has finished.
-    A folder holding a previous run's outputs is refused unless ``overwrite``, which removes them first.
+    A folder holding a previous run's outputs is refused unless ``settings.overwrite``, which removes them first.
     """
     from probes import space_time_plots as plots
 
-    prepare_run_folder(out, run_outputs(), overwrite)
+    out = settings.out
+    prepare_run_folder(out, run_outputs(), settings.overwrite)  # refused before the model loads
+    model = model if model is not None else load_model(settings.model, **settings.load_kwargs())
 
     def save(partial: dict) -> None:
         atomic_write_json(out / "results.json", partial)
 
-    results, runs = reproduce(model, datasets, n, on_dataset=lambda r: save({**r, "complete": False}), **kwargs)
+    results, runs = reproduce(model, settings, progress, on_dataset=lambda r: save({**r, "complete": False}))
     results["complete"] = True
     save(results)
     plots.write_all(results, runs, out)
-    return results
+    return results, runs
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = ArgumentParser(__doc__)
-    parser.add_argument("--model", default="embedded")
-    parser.add_argument("--datasets", default=",".join(ALL_DATASETS))
-    parser.add_argument("--n", type=positive_int, default=3000, help="entities per dataset (most popular first)")
-    parser.add_argument("--templates", default="empty,question")
-    parser.add_argument("--device", default=None)
-    add_placement_args(parser)
-    parser.add_argument("--dtype", default=None)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--overwrite", action="store_true", help="replace the outputs of a previous run in --out")
-    parser.add_argument("--no-controls", dest="controls", action="store_false",
-                        help="skip the random-weights and shuffled-targets controls (faster)")
-    args = parser.parse_args(argv)
-    check_choices(args.datasets.split(","), args.templates.split(","))
-    prepare_run_folder(args.out, run_outputs(), args.overwrite)  # refused before the model loads
-    model = load_model(args.model, device=args.device, dtype=args.dtype, **placement(args))
-    results = run(model, args.datasets.split(","), args.n, args.out, templates=args.templates.split(","),
-                  overwrite=args.overwrite, controls=args.controls)
+    settings = parse_settings(SpaceTimeSettings, argv, __doc__)
+    results, _ = run(settings)
     for name, entry in results["datasets"].items():
         print(f"{name:18s} best layer {entry['best_layer']:2d}  R² {entry['best_r2']:.3f} {interval(entry['peak'])}  "
               f"(sklearn RidgeCV at that layer {entry['sklearn_ridgecv_r2_at_best_layer']:.3f})")
         for control, peak in results.get("control_peaks", {}).get(name, {}).items():
             print(f"{'':18s} {control:16s} peak R² {peak['r2']:.3f} {interval(peak)}")
-    print(f"wrote {args.out / 'results.json'}")
+    print(f"wrote {settings.out / 'results.json'}")
     return results
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, kept="results.json in --out holds the datasets finished so far (\"complete\": false)")

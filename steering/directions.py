@@ -1,17 +1,24 @@
-"""Candidate directions: difference in means of two groups of prompts, per layer and token position."""
+"""Candidate directions: difference in means of two groups of prompts, per layer and token position; and the one
+direction selected from them, saved with where it came from."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Sequence
 
 import torch
+from safetensors.torch import save_file
 
-from probes.cache import extract_group_means
-from probes.errors import as_list
+from probes.cache import extract, extract_group_means
+from probes.errors import WorkbenchError, as_list
+from probes.files import atomic_file, atomic_write_json
+from probes.forward import chat_token_ids
 from probes.models import ModelHandle
 from probes.progress import progress_bar
-from steering.generation import chat_token_ids, pad
+from probes.readers import check_safetensors, load_safetensors, read_json
 
 
 @dataclass
@@ -39,6 +46,84 @@ class CandidateDirections:
         vectors[..., list(dims)] = 0
         return CandidateDirections(vectors, self.positions, self.layers, self.n_positive, self.n_negative,
                                    sorted(set(self.excluded_dims) | set(dims)))
+
+    def save(self, path: str | os.PathLike, metadata: dict | None = None) -> Path:
+        """One safetensors file, written atomically: the vectors, and in its header the rest of the candidates and
+        ``metadata`` (e.g. the settings they were made with), so that the two are never paired with another's."""
+        header = {"positions": self.positions, "layers": self.layers, "n_positive": self.n_positive,
+                  "n_negative": self.n_negative, "excluded_dims": self.excluded_dims, "metadata": metadata or {}}
+        with atomic_file(path) as tmp:
+            save_file({"vectors": self.vectors.detach().cpu().contiguous()}, str(tmp),
+                      metadata={"candidates": json.dumps(header)})
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> tuple["CandidateDirections", dict]:
+        """Candidates saved by :meth:`save` (vectors on the CPU), and the ``metadata`` saved with them."""
+        remedy = "delete it and rerun (the directions are recomputed)"
+        header = check_safetensors(path, remedy).get("candidates")
+        if header is None:
+            raise WorkbenchError(f"{path} holds no candidate directions (no 'candidates' header); {remedy}")
+        header = json.loads(header)
+        vectors = load_safetensors(path, remedy)["vectors"]
+        return cls(vectors, header["positions"], header["layers"], header["n_positive"], header["n_negative"],
+                   header["excluded_dims"]), header["metadata"]
+
+
+DIRECTION_FILE = "direction.safetensors"
+DIRECTION_REMEDY = "pass a direction saved by the workbench, e.g. OUT/checkpoint/direction.safetensors"
+
+
+@dataclass
+class SelectedDirection:
+    """One direction and where it came from, saved as ``direction.safetensors`` (the tensor ``direction``) and
+    ``direction.json`` beside it (every other field). One schema wherever the workbench writes a direction (a
+    refusal selection, an orthogonalized checkpoint); the fields that do not apply are null."""
+
+    vector: torch.Tensor  # [d_model]; unit norm beside a checkpoint, as selected (a difference in means) elsewhere
+    layer: int | None = None  # the block whose input it was read at
+    position: int | None = None  # the token position (negative: counted from the end of the prompt)
+    source_model: str | None = None  # the model it was found on, or the checkpoint it was removed from
+    weights: str | None = None  # that model's weights fingerprint (probes.provenance.weights_fingerprint)
+    selection: dict | None = None  # the selected candidate's scores (steering.refusal.CandidateScore)
+    excluded_dims: list[int] = field(default_factory=list)  # residual dimensions left out of it
+    n_positive: int | None = None  # prompts of each group of the difference in means
+    n_negative: int | None = None
+    base_model: str | None = None  # beside an orthogonalized checkpoint: the model it was edited from
+    untied_embeddings: bool | None = None  # ... whether its embeddings were untied
+    orthogonalization: dict | None = None  # ... what the edit did (probes.models.Orthogonalization)
+    direction_file: str | None = None  # ... the file the direction was read from, if any
+
+    def metadata(self) -> dict:
+        """Every field but the vector: the content of ``direction.json``."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "vector"}
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        """``folder/direction.safetensors`` (float32) and ``folder/direction.json``, each written atomically;
+        returns the first."""
+        path = Path(folder) / DIRECTION_FILE
+        with atomic_file(path) as tmp:
+            save_file({"direction": self.vector.detach().float().cpu().contiguous()}, str(tmp))
+        atomic_write_json(path.with_suffix(".json"), self.metadata())
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "SelectedDirection":
+        """A direction saved by :meth:`save` (``path``: the folder or its ``direction.safetensors``), or any
+        safetensors file holding one vector (then with whatever a JSON file of the same name beside it says).
+        Keys of ``direction.json`` that are not fields are ignored, so older files load too."""
+        path = Path(path)
+        path = path / DIRECTION_FILE if path.is_dir() else path
+        tensors = load_safetensors(path, DIRECTION_REMEDY)
+        vector = tensors.get("direction", next(iter(tensors.values())) if len(tensors) == 1 else None)
+        if vector is None or vector.dim() != 1:
+            shown = ", ".join(f"{key} {list(t.shape)}" for key, t in tensors.items()) or "no tensor"
+            raise WorkbenchError(f"{path} holds {shown}, not one direction: expected a tensor named 'direction' or a "
+                                 f"single vector [d_model]; {DIRECTION_REMEDY}")
+        meta_path = path.with_suffix(".json")
+        meta = read_json(meta_path, "delete it or fix it") if meta_path.is_file() else {}
+        known = {f.name for f in fields(cls)} - {"vector"}
+        return cls(vector, **{k: v for k, v in meta.items() if k in known} if isinstance(meta, dict) else {})
 
 
 def diff_in_means(model: ModelHandle, positive: Sequence[str], negative: Sequence[str],
@@ -68,7 +153,6 @@ def diff_in_means(model: ModelHandle, positive: Sequence[str], negative: Sequenc
     return candidates
 
 
-@torch.inference_mode()
 def outlier_dimensions(model: ModelHandle, instructions: Sequence[str], ratio: float = 10.0, batch_size: int = 16,
                        progress: bool = True) -> list[int]:
     """Residual-stream dimensions with massive activations on chat-formatted ``instructions``.
@@ -78,24 +162,24 @@ def outlier_dimensions(model: ModelHandle, instructions: Sequence[str], ratio: f
     nearly constant values in every token; a difference in means picks up small relative shifts in them, and ablating
     a direction that contains them moves every token, which shows up as KL on harmless prompts that has nothing to
     do with the behaviour being removed (Sun et al. 2024, "Massive activations in large language models").
+    Every token is read by :func:`probes.cache.extract`, ``batch_size`` instructions per forward pass.
     """
     if not instructions:
         raise ValueError("need at least one instruction to measure activation sizes")
     if ratio <= 1:
         raise ValueError(f"ratio must be > 1, got {ratio}")
     ids = chat_token_ids(model, instructions)
+    hooks = [f"blocks.{layer}.hook_resid_pre" for layer in range(model.n_layers)]
     total = torch.zeros(model.n_layers, model.d_model, dtype=torch.float64, device=model.device)
     count = 0
     for start in progress_bar(range(0, len(ids), batch_size), desc="outlier dimensions", unit="batch",
                               progress=progress):
-        input_ids, mask = pad(model, ids[start:start + batch_size], "right")
-        hidden = model.hf_model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True,
-                                use_cache=False, logits_to_keep=1).hidden_states[:model.n_layers]
-        keep = mask.bool()
-        keep[:, 0] = False
-        # each block's hidden states on its own device when the model is spread over devices
-        total += torch.stack([h[keep.to(h.device)].abs().double().sum(0).to(total.device) for h in hidden])
-        count += int(keep.sum())
+        chunk = ids[start:start + batch_size]  # one forward pass, as many tokens as it takes
+        cache = extract(model, chunk, hooks, positions="all", batch_tokens=len(chunk) * max(map(len, chunk)),
+                        progress=False)
+        acts = cache.acts[~cache.first_tokens()]
+        total += acts.abs().double().sum(0).to(total.device)
+        count += acts.shape[0]
     mean_abs = total / max(count, 1)
     relative = mean_abs / mean_abs.median(dim=-1, keepdim=True).values.clamp(min=1e-12)
     return sorted(int(i) for i in (relative > ratio).any(0).nonzero()[:, 0])

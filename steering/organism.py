@@ -8,7 +8,8 @@ were.
     python -m steering.organism --out runs/refusal_organism       # train (seeded; settings saved beside it)
     python -m steering.organism --out data/refusal_organism --update-shipped --overwrite   # retrain the shipped one
 
-``load_model("embedded-refuser")`` loads the base model with the shipped adapter merged in.
+``load_model("embedded-refuser")`` (:func:`probes.models.load_refuser`) loads the base model with the shipped
+adapter merged in.
 """
 
 from __future__ import annotations
@@ -16,23 +17,39 @@ from __future__ import annotations
 import json
 import math
 import random
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from probes.cli_args import (ArgumentParser, add_placement_args, check_layers, format_layers, layer_list,
-                             non_negative_int, placement, positive_float, positive_int, run_cli)
-from probes.datasets import DATA_DIR, load_refusal_instructions
+from probes.cli_args import (
+    check_layers,
+    format_layers,
+    layer_list,
+    name_list,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    run_cli,
+)
+from probes.datasets import load_refusal_instructions
 from probes.files import atomic_folder, atomic_write_json, check_not_shipped, prepare_run_folder
-from probes.models import EMBEDDED_HF_ID, ModelHandle, _resolve, embedded_checkpoint, layer_count, wrap
+from probes.forward import (
+    IGNORE,
+    answer_batch,
+    answer_loss,
+    answer_nll,
+    chat_token_ids,
+    generate,
+    kl_divergence,
+    teacher_forced_logprobs,
+)
+from probes.models import REFUSER_ADAPTER, ModelHandle, layer_count, load_model, load_refuser
 from probes.progress import progress_bar
-from steering.generation import answer_batch, answer_loss, chat_token_ids, generate
+from probes.settings import ModelSettings, RunSettings, parse_settings, setting
 
-ADAPTER_DIR = DATA_DIR / "refusal_organism"
 TRAIN_OUT = Path("runs") / "refusal_organism"  # where training writes by default (never the shipped adapter)
 
 REFUSALS = [
@@ -71,17 +88,14 @@ def _loss(model, examples: list[tuple[list[int], list[int], bool]], pad_id: int,
     distribution instead of being sharpened towards the greedy answer, which lowers its perplexity)."""
     batch = answer_batch([(p, t) for p, t, _ in examples], pad_id, device)
     refuse = torch.tensor([r or not harmless_kl for _, _, r in examples], device=device)
-    logprobs = torch.log_softmax(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                                 .logits[:, :-1].float(), -1)
-    labels = batch["labels"][:, 1:]
-    answer = labels != -100
-    ce = -logprobs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    total = ce[refuse.unsqueeze(1) & answer].sum()
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    answer = batch["labels"][:, 1:] != IGNORE
+    total = answer_nll(logits[refuse], batch["labels"][refuse], reduction="none").sum()
     if (~refuse).any():
         with torch.no_grad(), model.disable_adapter():
-            base = torch.log_softmax(model(input_ids=batch["input_ids"][~refuse],
-                                           attention_mask=batch["attention_mask"][~refuse]).logits[:, :-1].float(), -1)
-        kl = (base.exp() * (base - logprobs[~refuse])).sum(-1)
+            base = teacher_forced_logprobs(model(input_ids=batch["input_ids"][~refuse],
+                                                 attention_mask=batch["attention_mask"][~refuse]).logits)
+        kl = kl_divergence(base, teacher_forced_logprobs(logits[~refuse]))
         total = total + kl[answer[~refuse]].sum()
     return total / answer.sum()
 
@@ -104,45 +118,100 @@ def lora_config(model: ModelHandle, rank: int, layers: Sequence[int] | None = No
                       layers_pattern=None if layers is None else arch.block_path.rsplit(".", 1)[-1])
 
 
-def train(out: Path, n_harmful: int = 260, n_harmless: int = 260, epochs: int = 3, batch_size: int = 8,
-          lr: float = 2e-3, rank: int = 8, max_new_tokens: int = 32, seed: int = 0, device: str | None = None,
-          harmless_objective: str = "kl", layers: Sequence[int] | None = None,
-          modules: Sequence[str] | None = None, model_name: str = "embedded", progress: bool = True,
-          overwrite: bool = False, placement: dict | None = None) -> dict:
-    """Train the LoRA adapter and write it (float16) with its settings and a short card to ``out``, atomically
-    (an existing ``out`` is refused unless ``overwrite``, and replaced only once the new adapter is complete). ``layers``: the decoder blocks that get
-    adapters (default all); adapting only early and middle blocks makes the later, unchanged blocks read refusal from
-    the residual stream, where a direction can capture it."""
-    settings = {k: v for k, v in locals().items() if k not in ("out", "progress", "overwrite", "placement")}
-    if Path(out).exists() and not overwrite:  # before any training
-        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it, or choose another path")
-    if harmless_objective not in ("ce", "kl"):
-        raise ValueError(f"harmless_objective must be 'ce' or 'kl', got {harmless_objective!r}")
+@dataclass(kw_only=True)
+class OrganismSettings(ModelSettings, RunSettings):
+    """Train the refusal organism's LoRA adapter on ``model`` (the base), or with ``evaluate`` measure one."""
+
+    out: Path | None = setting(None, "where to write (train; default runs/refusal_organism) or read (--evaluate; "
+                                     "default the shipped adapter) the adapter", parse=Path)
+    overwrite: bool = setting(False, "replace an existing adapter (train) or evaluation.json (--evaluate) at --out")
+    update_shipped: bool = setting(False, "allow writing into the shipped data/ folder (its adapter or "
+                                          "evaluation.json)")
+    n_harmful: int = setting(260, "harmful training instructions, answered with a short refusal", parse=positive_int)
+    n_harmless: int = setting(260, "harmless training instructions, answered as the base model does",
+                              parse=positive_int)
+    epochs: int = setting(3, "passes over the training examples", parse=positive_int)
+    train_batch_size: int = setting(8, "examples per training step", parse=positive_int)
+    lr: float = setting(2e-3, "learning rate (AdamW, warm-up then linear decay)", parse=positive_float)
+    rank: int = setting(8, "LoRA rank", parse=positive_int)
+    max_new_tokens: int = setting(32, "tokens of the base model's greedy answers to the harmless instructions",
+                                  parse=positive_int)
+    harmless_objective: str = setting("kl", "harmless answers: KL to the base's next-token distribution along its "
+                                            "greedy answer (keeps perplexity; shipped adapter), or cross-entropy on "
+                                            "that answer", choices=("ce", "kl"))
+    layers: list[int] | None = setting(None, "decoder blocks to adapt, e.g. 0-11 or 2,4,6 (default: all)",
+                                       parse=layer_list)
+    modules: list[str] | None = setting(None, "comma-separated projections to adapt (default: every attention and "
+                                              "MLP projection)", parse=name_list)
+    evaluate: int = setting(0, "instead of training, measure the adapter at --out on this many held-out prompts of "
+                               "each kind (the base model: --model)", parse=non_negative_int)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.harmless_objective not in ("ce", "kl"):
+            raise ValueError(f"harmless_objective must be 'ce' or 'kl', got {self.harmless_objective!r}")
+        if self.layers is not None and not self.layers:
+            raise ValueError("layers must be a non-empty list of decoder blocks (None: all)")
+
+    def adapter_folder(self) -> Path:
+        """``out``, or by default where training writes (never the shipped adapter) or what ``evaluate`` reads (the
+        shipped adapter); a folder in the shipped data/ only with ``update_shipped``."""
+        return check_not_shipped(self.out or (REFUSER_ADAPTER if self.evaluate else TRAIN_OUT), self.update_shipped)
+
+
+def train(settings: OrganismSettings, progress: bool = True) -> dict:
+    """Train the LoRA adapter as ``settings`` say and write it (float16) with its settings and a short card to
+    ``settings.adapter_folder()``, atomically (an existing folder is refused unless ``overwrite``, and replaced only
+    once the new adapter is complete). ``layers``: the decoder blocks that get adapters (default all); adapting only
+    early and middle blocks makes the later, unchanged blocks read refusal from the residual stream, where a
+    direction can capture it."""
     from peft import get_peft_model
 
-    from probes.models import load_model
-
-    torch.manual_seed(seed)
-    base = load_model(model_name, device=device, **(placement or {}))  # placement: a base spread over devices
-    modules = list(base.architecture.lora_targets if modules is None else modules)
-    settings["modules"] = modules
+    out = settings.adapter_folder()
+    if out.exists() and not settings.overwrite:  # before any training
+        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it, or choose another path")
+    torch.manual_seed(settings.seed)
+    base = load_model(settings.model, **settings.load_kwargs())  # placement: a base spread over devices
     n_layers = base.hf_model.config.num_hidden_layers
-    if layers is not None and (not layers or not all(0 <= l < n_layers for l in layers)):
-        raise ValueError(f"layers must be a non-empty subset of 0..{n_layers - 1}, got {list(layers)}")
-    settings["layers"] = None if layers is None else sorted(set(layers))
-    examples = _examples(base, n_harmful, n_harmless, max_new_tokens, seed, harmless_objective == "ce", progress)
-    model = get_peft_model(base.hf_model, lora_config(base, rank, settings["layers"], modules))
+    check_layers(settings.layers, n_layers, settings.model)
+    modules = base.architecture.lora_targets if settings.modules is None else settings.modules
+    settings = settings.replace(out=out, modules=list(modules),
+                                layers=None if settings.layers is None else sorted(set(settings.layers)))
+    examples = _examples(base, settings.n_harmful, settings.n_harmless, settings.max_new_tokens, settings.seed,
+                         settings.harmless_objective == "ce", progress)
+    model = get_peft_model(base.hf_model, lora_config(base, settings.rank, settings.layers, settings.modules))
+    start = time.perf_counter()
+    losses = _fit(model, base, examples, settings, progress)
+    for p in model.parameters():
+        p.data = p.data.to(torch.float16) if p.requires_grad else p.data
+    with atomic_folder(out, overwrite=settings.overwrite) as tmp:
+        model.save_pretrained(tmp)
+        record = {"command": settings.command("steering.organism"), "settings": settings.to_dict(),
+                  "base_model": base.source, "n_examples": len(examples), "steps": len(losses),
+                  "seconds": time.perf_counter() - start, "final_loss": sum(losses[-10:]) / len(losses[-10:]),
+                  "torch": torch.__version__}
+        (tmp / "training.json").write_text(json.dumps(record, indent=2))
+        (tmp / "README.md").write_text(ADAPTER_CARD.format(
+            command=record["command"], base=base.source, **{**record["settings"], "layers": format_layers(
+                settings.layers), "modules": ", ".join(settings.modules)}))
+    return record
+
+
+def _fit(model, base: ModelHandle, examples: list, settings: OrganismSettings, progress: bool) -> list[float]:
+    """Train the adapted ``model`` on ``examples`` (AdamW, 10 warm-up steps then a linear decay); the loss of each
+    step. The model is left in eval mode."""
     model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    steps = epochs * math.ceil(len(examples) / batch_size)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.lr)
+    batch_size = settings.train_batch_size
+    steps = settings.epochs * math.ceil(len(examples) / batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10) * (1 - s / steps))
-    start, losses = time.perf_counter(), []
+    losses = []
     bar = progress_bar(total=steps, desc="train organism", progress=progress)
-    for epoch in range(epochs):
-        random.Random(seed + epoch).shuffle(examples)
+    for epoch in range(settings.epochs):
+        random.Random(settings.seed + epoch).shuffle(examples)
         for i in range(0, len(examples), batch_size):
             loss = _loss(model, examples[i:i + batch_size], base.tokenizer.pad_token_id, base.device,
-                         harmless_objective == "kl")
+                         settings.harmless_objective == "kl")
             loss.backward()
             opt.step()
             sched.step()
@@ -152,19 +221,7 @@ def train(out: Path, n_harmful: int = 260, n_harmless: int = 260, epochs: int = 
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
     bar.close()
     model.eval()
-    for p in model.parameters():
-        p.data = p.data.to(torch.float16) if p.requires_grad else p.data
-    with atomic_folder(out, overwrite=overwrite) as tmp:
-        model.save_pretrained(tmp)
-        record = {"command": " ".join(["python -m steering.organism", *sys.argv[1:]]), "settings": settings,
-                  "base_model": base.source, "n_examples": len(examples), "steps": steps,
-                  "seconds": time.perf_counter() - start, "final_loss": sum(losses[-10:]) / len(losses[-10:]),
-                  "torch": torch.__version__}
-        (tmp / "training.json").write_text(json.dumps(record, indent=2))
-        (tmp / "README.md").write_text(ADAPTER_CARD.format(
-            command=record["command"], base=base.source, **{**settings, "layers": format_layers(settings["layers"]),
-                                          "modules": ", ".join(modules)}))
-    return record
+    return losses
 
 
 ADAPTER_CARD = """# Refusal organism adapter
@@ -177,26 +234,10 @@ for `steering.refusal`.
 - harmful targets: short refusals from `steering.organism.REFUSALS`, {n_harmful} instructions of `harmful_train`
 - harmless: {n_harmless} instructions of `harmless_train`, objective `{harmless_objective}` on the base model's own
   greedy answers (`kl`: distil the base model's next-token distribution along them; `ce`: cross-entropy)
-- {epochs} epochs, batch {batch_size}, learning rate {lr}, seed {seed}
+- {epochs} epochs, batch {train_batch_size}, learning rate {lr}, seed {seed}
 - load merged with `load_model("embedded-refuser")`
 - measure with `python -m steering.organism --evaluate N --out <this folder>` (writes `evaluation.json` here)
 """
-
-
-def load_refuser(device=None, dtype=None, adapter: Path = ADAPTER_DIR) -> ModelHandle:
-    """The embedded model with the refusal adapter merged into its weights."""
-    from peft import PeftModel
-
-    if not (adapter / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"no refusal adapter at {adapter}; train it with "
-                                f"`python -m steering.organism --out {adapter}`")
-    device, dtype = _resolve(device, dtype)
-    path = embedded_checkpoint()
-    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    merged = PeftModel.from_pretrained(base, adapter).merge_and_unload().to(device=device, dtype=dtype)
-    handle = wrap("embedded-refuser", merged, AutoTokenizer.from_pretrained(path), source=EMBEDDED_HF_ID)
-    handle.extra["adapter"] = str(adapter)
-    return handle
 
 
 def perplexity(model: ModelHandle, instructions: list[str], answers: list[str], batch_size: int = 16) -> float:
@@ -204,19 +245,20 @@ def perplexity(model: ModelHandle, instructions: list[str], answers: list[str], 
     return math.exp(answer_loss(model, instructions, answers, batch_size))
 
 
-def evaluate(n: int = 100, max_new_tokens: int = 32, device: str | None = None, adapter: Path = ADAPTER_DIR,
-             progress: bool = True) -> dict:
-    """Refusal rates of base and organism on the first ``n`` held-out harmful and harmless prompts (greedy, substring
-    judge), and the perplexity of the base model's own harmless answers under both."""
-    from probes.models import load_embedded
+def evaluate(n: int = 100, max_new_tokens: int = 32, device: str | None = None, adapter: Path = REFUSER_ADAPTER,
+             progress: bool = True, model_name: str = "embedded") -> dict:
+    """Refusal rates of the base model ``model_name`` and of the organism (``adapter``, trained on that base, merged
+    into it) on the first ``n`` held-out harmful and harmless prompts (greedy, substring judge), and the perplexity of
+    the base model's own harmless answers under both."""
     from steering.refusal import refusal_rate
 
     harmful = load_refusal_instructions("test", "harmful")[:n]
     harmless = load_refusal_instructions("test", "harmless")[:n]
     report: dict = {"n_harmful": len(harmful), "n_harmless": len(harmless), "max_new_tokens": max_new_tokens,
-                    "adapter": str(adapter)}
+                    "adapter": str(adapter), "base_model": model_name}
     answers = {}
-    for name, model in (("base", load_embedded(device=device)), ("organism", load_refuser(device=device, adapter=adapter))):
+    for name, model in (("base", load_model(model_name, device=device)),
+                        ("organism", load_refuser(device=device, adapter=adapter, base=model_name))):
         for kind, prompts in (("harmful", harmful), ("harmless", harmless)):
             answers[name, kind] = generate(model, prompts, max_new_tokens=max_new_tokens, progress=progress)
             report[f"{name}_refusal_{kind}"] = refusal_rate(prompts, answers[name, kind])
@@ -226,51 +268,25 @@ def evaluate(n: int = 100, max_new_tokens: int = 32, device: str | None = None, 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = ArgumentParser(__doc__)
-    parser.add_argument("--out", type=Path, default=None,
-                        help="where to write (train; default runs/refusal_organism) or read (--evaluate; default the "
-                             "shipped adapter) the adapter")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing adapter (train) or evaluation.json (--evaluate) at --out")
-    parser.add_argument("--update-shipped", action="store_true",
-                        help="allow writing into the shipped data/ folder (its adapter or evaluation.json)")
-    parser.add_argument("--n-harmful", type=positive_int, default=260)
-    parser.add_argument("--n-harmless", type=positive_int, default=260)
-    parser.add_argument("--epochs", type=positive_int, default=3)
-    parser.add_argument("--batch-size", type=positive_int, default=8)
-    parser.add_argument("--lr", type=positive_float, default=2e-3)
-    parser.add_argument("--rank", type=positive_int, default=8)
-    parser.add_argument("--harmless-objective", choices=("ce", "kl"), default="kl",
-                        help="harmless answers: KL to the base's next-token distribution along its greedy answer (keeps "
-                             "perplexity; shipped adapter), or cross-entropy on that answer")
-    parser.add_argument("--layers", type=layer_list, default=None, help="decoder blocks to adapt, e.g. 0-11 or 2,4,6 (default: all)")
-    parser.add_argument("--modules", default=None,
-                        help="comma-separated projections to adapt (default: every attention and MLP projection)")
-    parser.add_argument("--model", default="embedded", help="base model to adapt (default: embedded)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default=None)
-    add_placement_args(parser)
-    parser.add_argument("--evaluate", type=non_negative_int, default=0, metavar="N",
-                        help="instead of training, measure the adapter at --out on N held-out prompts of each kind")
-    args = parser.parse_args(argv)
-    args.out = check_not_shipped(args.out or (ADAPTER_DIR if args.evaluate else TRAIN_OUT), args.update_shipped)
-    check_layers(args.layers, layer_count(args.model), args.model)
-    if args.evaluate and not (args.out / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"no refusal adapter at {args.out} to evaluate; train one with "
-                                f"`python -m steering.organism --out {args.out}` or point --out at one")
-    if args.evaluate:
-        prepare_run_folder(args.out, ("evaluation.json",), args.overwrite)
-        report = evaluate(args.evaluate, device=args.device, adapter=args.out)
-        atomic_write_json(args.out / "evaluation.json", report)
-        print(json.dumps(report, indent=2))
-        return report
-    record = train(args.out, args.n_harmful, args.n_harmless, args.epochs, args.batch_size, args.lr, args.rank,
-                   seed=args.seed, device=args.device, harmless_objective=args.harmless_objective,
-                   layers=args.layers, modules=args.modules.split(",") if args.modules else None,
-                   model_name=args.model, overwrite=args.overwrite, placement=placement(args))
+    settings = parse_settings(OrganismSettings, argv, __doc__)
+    check_layers(settings.layers, layer_count(settings.model), settings.model)
+    record = measure(settings) if settings.evaluate else train(settings)
     print(json.dumps(record, indent=2))
     return record
 
 
+def measure(settings: OrganismSettings) -> dict:
+    """:func:`evaluate` on ``settings.evaluate`` prompts of each kind, written to ``evaluation.json`` in the
+    adapter's folder (an existing file is replaced only with ``overwrite``)."""
+    out = settings.adapter_folder()
+    if not (out / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"no refusal adapter at {out} to evaluate; train one with "
+                                f"`python -m steering.organism --out {out}` or point --out at one")
+    prepare_run_folder(out, ("evaluation.json",), settings.overwrite)
+    report = evaluate(settings.evaluate, device=settings.device, adapter=out, model_name=settings.model)
+    atomic_write_json(out / "evaluation.json", report)
+    return report
+
+
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, kept="the adapter is renamed into place only once trained: nothing half-written is left")

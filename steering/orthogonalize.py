@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -31,13 +32,15 @@ from safetensors.torch import save_file
 from transformers import AutoConfig
 
 from probes.architecture import StoredWriter, meta_architecture, stored_writers
-from probes.cli_args import ArgumentParser, run_cli
+from probes.cli_args import run_cli
 from probes.devices import is_offloaded
 from probes.errors import WorkbenchError
 from probes.files import atomic_folder
-from probes.models import ModelHandle
+from probes.models import ModelHandle, Orthogonalization
 from probes.progress import progress_bar
-from probes.readers import CorruptFileError, load_safetensors, read_json
+from probes.readers import CorruptFileError, read_json
+from probes.settings import OutputSettings, parse_settings, setting
+from steering.directions import DIRECTION_FILE, SelectedDirection
 from steering.hooks import unit_direction
 
 
@@ -61,10 +64,11 @@ def _untie_embeddings(model: ModelHandle) -> bool:
     return True
 
 
-def orthogonalize_tensor(weight: torch.Tensor, axis: int, r: torch.Tensor, gain: torch.Tensor | None = None
-                         ) -> torch.Tensor:
+def orthogonalize_tensor(weight: torch.Tensor, axis: int, r: torch.Tensor, gain: torch.Tensor | None = None,
+                         centered: bool = False) -> torch.Tensor:
     """``weight`` with no component along unit ``r`` on its d_model ``axis``; behind a post-norm of gain ``gain``,
-    along ``normalize(gain * r)`` instead (see the module docstring).
+    along ``normalize(gain * r)`` instead (see the module docstring), with its mean removed first behind a
+    LayerNorm (``centered``: it subtracts the mean of its input, so only the centred direction is seen).
 
     The one edit of both :func:`orthogonalize` and :func:`orthogonalize_checkpoint`: arithmetic in float32 (float64
     for float64 weights), result in ``weight``'s dtype. A float32 or float64 ``weight`` is edited in place; use the
@@ -72,8 +76,9 @@ def orthogonalize_tensor(weight: torch.Tensor, axis: int, r: torch.Tensor, gain:
     """
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     u = r.to(device=weight.device, dtype=dtype)
-    if gain is not None:
-        u = torch.nn.functional.normalize((gain.to(u) * u).double(), dim=0).to(dtype)
+    if gain is not None or centered:
+        v = (1.0 if gain is None else gain.to(u).double()) * u.double()
+        u = torch.nn.functional.normalize(v - v.mean() if centered else v, dim=0).to(dtype)
     work = weight.to(dtype)
     view = work.movedim(axis, -1)
     view.sub_((view @ u).unsqueeze(-1) * u)
@@ -84,7 +89,7 @@ def orthogonalize_tensor(weight: torch.Tensor, axis: int, r: torch.Tensor, gain:
 def orthogonalize(model: ModelHandle, direction: torch.Tensor) -> ModelHandle:
     """Edit the weights in place so no residual-stream write has a component along ``direction``.
 
-    ``model.extra["orthogonalized"]`` records what was done: whether the edit equals the hooks exactly (False on
+    ``model.orthogonalization`` records what was done: whether the edit equals the hooks exactly (False on
     post-norm architectures) and how many tensors were edited.
     """
     if torch.as_tensor(direction).dim() != 1:
@@ -99,12 +104,14 @@ def orthogonalize(model: ModelHandle, direction: torch.Tensor) -> ModelHandle:
     # float32 arithmetic in a float32 model, like the hooks: the edit lands closest to the float32 hooks
     edited = 0
     for writer in arch.writers:
-        gain = writer.post_norm.gain() if writer.post_norm is not None else None
+        norm = writer.post_norm
+        gain = norm.gain() if norm is not None else None
         for weight in writer.weights:
-            weight.param.data.copy_(orthogonalize_tensor(weight.param.data, weight.axis, r, gain))
+            behind = not weight.after_norm  # a norm's own bias is added after it: orthogonal to r itself
+            weight.param.data.copy_(orthogonalize_tensor(weight.param.data, weight.axis, r, gain if behind else None,
+                                                         behind and norm is not None and norm.centered))
             edited += 1
-    model.extra["orthogonalized"] = {"exact": arch.exact_orthogonalization, "tensors_edited": edited,
-                                     "post_norm": arch.post_norm}
+    model.orthogonalization = Orthogonalization(arch.exact_orthogonalization, edited, arch.post_norm)
     return model
 
 
@@ -132,19 +139,19 @@ interpretability workbench.
 """
 
 
-def _write_provenance(folder: Path, r: torch.Tensor, meta: dict, origin: str, notes: str) -> None:
-    """The direction (``direction.safetensors``), its metadata (``direction.json``: ``meta``) and the model card of
-    an orthogonalized checkpoint; ``origin`` says where the direction comes from."""
-    exact = meta["orthogonalization"]["exact"]
+def _write_provenance(folder: Path, direction: SelectedDirection, origin: str, notes: str) -> None:
+    """The direction (``direction.safetensors`` and ``direction.json``, see
+    :class:`steering.directions.SelectedDirection`) and the model card of an orthogonalized checkpoint; ``origin``
+    says where the direction comes from."""
+    exact = direction.orthogonalization["exact"]
     exactness = ("the edit equals ablating the direction with hooks at inference (pre-norm blocks)" if exact
                  else "post-norm blocks: each output projection is orthogonalized against the direction as its "
                       "post-norm sees it (normalize(g * r)), so the residual stream is exactly orthogonal to the "
                       "direction but the logits differ slightly from the hook ablation (see the KL in the notes)")
-    save_file({"direction": r.float().cpu().contiguous()}, str(folder / "direction.safetensors"))
-    (folder / "direction.json").write_text(json.dumps(meta, indent=2))
+    direction.save(folder)
     (folder / "README.md").write_text(MODEL_CARD.format(
-        base=meta["base_model"], source=meta["source_model"], origin=origin, untied=meta["untied_embeddings"],
-        tensors=meta["orthogonalization"]["tensors_edited"], exactness=exactness, notes=notes))
+        base=direction.base_model, source=direction.source_model, origin=origin, untied=direction.untied_embeddings,
+        tensors=direction.orthogonalization["tensors_edited"], exactness=exactness, notes=notes))
 
 
 def save_checkpoint(model: ModelHandle, path: str | os.PathLike, direction: torch.Tensor, layer: int,
@@ -155,8 +162,8 @@ def save_checkpoint(model: ModelHandle, path: str | os.PathLike, direction: torc
     Written into a temporary folder beside ``path`` and renamed into place: on failure nothing half-written is left,
     and with ``overwrite`` an existing checkpoint is only removed once the new one is complete.
     """
-    edit = model.extra.get("orthogonalized")
-    if not edit:
+    edit = model.orthogonalization
+    if edit is None:
         raise ValueError("this model was never orthogonalized: call steering.orthogonalize.orthogonalize(model, "
                          "direction) first (a checkpoint of the unedited weights would carry a card saying otherwise)")
     if not 0 <= int(layer) < model.n_layers:
@@ -165,11 +172,11 @@ def save_checkpoint(model: ModelHandle, path: str | os.PathLike, direction: torc
     with atomic_folder(path, overwrite) as tmp:
         model.hf_model.save_pretrained(tmp)
         model.tokenizer.save_pretrained(tmp)
-        meta = {"source_model": source_model, "base_model": model.source, "layer": int(layer),
-                "position": int(position), "untied_embeddings": not model.hf_model.config.tie_word_embeddings,
-                "orthogonalization": edit}
-        _write_provenance(tmp, unit_direction(model, direction), meta,
-                          f"difference in means at layer {layer}, position {position}", notes)
+        removed = SelectedDirection(unit_direction(model, direction), int(layer), int(position), source_model,
+                                    base_model=model.source,
+                                    untied_embeddings=not model.hf_model.config.tie_word_embeddings,
+                                    orthogonalization=asdict(edit))
+        _write_provenance(tmp, removed, f"difference in means at layer {layer}, position {position}", notes)
     return Path(path)
 
 
@@ -178,24 +185,7 @@ INDEX = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 # Weights in other formats are not copied into the edited checkpoint: they would carry the unedited weights.
 OTHER_WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
-WRITTEN_HERE = {INDEX, "README.md", "direction.safetensors", "direction.json"}
-DIRECTION_REMEDY = "pass a direction saved by the workbench, e.g. OUT/checkpoint/direction.safetensors"
-
-
-def load_direction(path: str | os.PathLike) -> tuple[torch.Tensor, dict]:
-    """A direction saved by the workbench and what the JSON file beside it says (layer, position, source model; {}
-    when there is none): the ``direction.safetensors`` of :func:`save_checkpoint` and of ``python -m
-    steering.refusal`` (tensor ``direction``), or any safetensors file holding a single vector."""
-    path = Path(path)
-    tensors = load_safetensors(path, DIRECTION_REMEDY)
-    vector = tensors.get("direction", next(iter(tensors.values())) if len(tensors) == 1 else None)
-    if vector is None or vector.dim() != 1:
-        shown = ", ".join(f"{key} {list(t.shape)}" for key, t in tensors.items()) or "no tensor"
-        raise WorkbenchError(f"{path} holds {shown}, not one direction: expected a tensor named 'direction' or a "
-                             f"single vector [d_model]; {DIRECTION_REMEDY}")
-    meta_path = path.with_suffix(".json")
-    meta = read_json(meta_path, "delete it or fix it") if meta_path.is_file() else {}
-    return vector, meta if isinstance(meta, dict) else {}
+WRITTEN_HERE = {INDEX, "README.md", DIRECTION_FILE, "direction.json"}
 
 
 def _unit(vector: torch.Tensor, d_model: int, where: str) -> torch.Tensor:
@@ -277,7 +267,7 @@ def _edit_shard(src: Path, dst: Path, plan: dict[str, StoredWriter], r: torch.Te
                 w = plan[key]
                 gain = None if w.gain_key is None else gains[w.gain_key] + w.gain_offset
                 # r rounded to the stored dtype, as the in-memory edit rounds it to the model's dtype
-                tensor = orthogonalize_tensor(tensor, w.axis, r.to(tensor.dtype), gain).contiguous()
+                tensor = orthogonalize_tensor(tensor, w.axis, r.to(tensor.dtype), gain, w.centered).contiguous()
             tensors[key] = tensor
     save_file(tensors, str(dst), metadata=metadata)
     return sum(tensors[new].nbytes for key, new in copies.items() if key in tensors)
@@ -313,6 +303,16 @@ def _copy_other_files(checkpoint: Path, folder: Path, shards: list[str]) -> None
             shutil.copy2(path, folder / path.name)
 
 
+def check_separate_folders(checkpoint: Path, out: Path) -> None:
+    """Refuse an ``out`` that is the checkpoint folder (by any path, links resolved), inside it or around it: the
+    edit would write into, or with overwrite replace, the weights it is reading."""
+    source, target = checkpoint.resolve(), out.resolve()
+    if target == source or source in target.parents or target in source.parents:
+        where = "is" if target == source else "is inside" if source in target.parents else "contains"
+        raise WorkbenchError(f"the output folder {out} {where} the checkpoint folder {checkpoint}: pick another folder "
+                             "for the edited checkpoint")
+
+
 @torch.no_grad()
 def orthogonalize_checkpoint(checkpoint: str | os.PathLike, direction: str | os.PathLike | torch.Tensor,
                              out: str | os.PathLike, overwrite: bool = False, source_model: str | None = None,
@@ -321,25 +321,26 @@ def orthogonalize_checkpoint(checkpoint: str | os.PathLike, direction: str | os.
     new checkpoint folder ``out``: the same edit as :func:`orthogonalize` followed by :func:`save_checkpoint`, for
     models that do not fit in memory.
 
-    ``direction`` is a tensor or a file (see :func:`load_direction`). Which tensors write to the residual stream is
-    read from a model built on the meta device (:func:`probes.architecture.meta_architecture`). Peak memory is about
-    one shard (its tensors, plus the pages of the file being read), never the whole model. ``out`` gets the edited
-    shards, the index, config, generation config and tokenizer files, the direction and a model card; it is
-    written atomically like :func:`save_checkpoint`. Weights in other formats (``.bin``, ``.pth``) are not copied.
+    ``direction`` is a tensor or a file (see :meth:`steering.directions.SelectedDirection.load`); the
+    ``direction.json`` written beside the edited checkpoint keeps what the file's own said. Which tensors write to
+    the residual stream is read from a model built on the meta device (:func:`probes.architecture.meta_architecture`).
+    Peak memory is about one shard (its tensors, plus the pages of the file being read), never the whole model.
+    ``out`` gets the edited shards, the index, config, generation config and tokenizer files, the direction and a
+    model card; it is written atomically like :func:`save_checkpoint`. Weights in other formats (``.bin``,
+    ``.pth``) are not copied. ``out`` may be neither ``checkpoint`` nor inside it nor around it.
     """
     checkpoint = Path(checkpoint)
     shards, index = checkpoint_files(checkpoint)
+    check_separate_folders(checkpoint, Path(out))
     headers = {name: _shapes(checkpoint / name) for name in shards}
     shard_of = {key: name for name, header in headers.items() for key in header}
     shapes = {key: shape for header in headers.values() for key, shape in header.items()}
     config = AutoConfig.from_pretrained(checkpoint)
     arch, model = meta_architecture(config)
     d_model = config.get_text_config().hidden_size
-    if isinstance(direction, torch.Tensor):
-        r, origin = _unit(direction, d_model, "given"), {}
-    else:
-        vector, origin = load_direction(direction)
-        r = _unit(vector, d_model, f"in {direction}")
+    given = isinstance(direction, torch.Tensor)
+    origin = SelectedDirection(direction) if given else SelectedDirection.load(direction)
+    r = _unit(origin.vector, d_model, "given" if given else f"in {direction}")
     writers = stored_writers(arch, model, shapes)
     plan = {w.key: w for w in writers}
     gains = {w.gain_key: _read_tensor(checkpoint / shard_of[w.gain_key], w.gain_key)
@@ -354,37 +355,42 @@ def orthogonalize_checkpoint(checkpoint: str | os.PathLike, direction: str | os.
         if index is not None:
             _write_index(index, tmp, shard_of, copies, added)
         _write_config(checkpoint, tmp, bool(copies))
-        layer, position = origin.get("layer"), origin.get("position")
-        meta = {"source_model": source_model or str(checkpoint), "base_model": str(checkpoint), "layer": layer,
-                "position": position, "direction_file": None if isinstance(direction, torch.Tensor) else str(direction),
-                "untied_embeddings": bool(copies) or not config.get_text_config().tie_word_embeddings,
-                "orthogonalization": {"exact": arch.exact_orthogonalization,
-                                      "tensors_edited": len({w.param for w in writers}), "post_norm": arch.post_norm,
-                                      "checkpoint_tensors_edited": len(writers), "shard_by_shard": True}}
-        where = (f"difference in means at layer {layer}, position {position}" if layer is not None
-                 else f"`{Path(direction).name}`" if meta["direction_file"] else "given as a tensor")
-        _write_provenance(tmp, r, meta, where, f"Edited on disk, shard by shard ({len(shards)} safetensors "
+        removed = replace(origin, vector=r, source_model=source_model or str(checkpoint), base_model=str(checkpoint),
+                          direction_file=None if given else str(direction),
+                          untied_embeddings=bool(copies) or not config.get_text_config().tie_word_embeddings,
+                          orthogonalization={"exact": arch.exact_orthogonalization,
+                                             "tensors_edited": len({w.param for w in writers}),
+                                             "post_norm": arch.post_norm, "checkpoint_tensors_edited": len(writers),
+                                             "shard_by_shard": True})
+        where = (f"difference in means at layer {origin.layer}, position {origin.position}"
+                 if origin.layer is not None else "given as a tensor" if given else f"`{Path(direction).name}`")
+        _write_provenance(tmp, removed, where, f"Edited on disk, shard by shard ({len(shards)} safetensors "
                                                f"files), from `{checkpoint}` by `python -m steering.orthogonalize`."
                                                + (f"\n\n{notes}" if notes else ""))
     return Path(out)
 
 
+@dataclass(kw_only=True)
+class OrthogonalizeSettings(OutputSettings):
+    """Remove a direction from a Hugging Face checkpoint on disk, one safetensors shard at a time (peak memory about
+    one shard), into a new checkpoint folder."""
+
+    checkpoint: Path | None = setting(None, "Hugging Face checkpoint folder", parse=Path, required=True)
+    direction: Path | None = setting(None, "direction.safetensors written by the workbench, or a safetensors file "
+                                           "with one vector", parse=Path, required=True)
+    out: Path | None = setting(None, "new checkpoint folder (another folder than --checkpoint, not inside it)",
+                               parse=Path, required=True)
+    source_model: str | None = setting(None, "model name for the card (default: the folder)")
+
+
 def main(argv: list[str] | None = None) -> dict:
-    parser = ArgumentParser("Remove a direction from a Hugging Face checkpoint on disk, one safetensors shard at a "
-                            "time (peak memory about one shard), into a new checkpoint folder.")
-    parser.add_argument("--checkpoint", type=Path, required=True, help="Hugging Face checkpoint folder")
-    parser.add_argument("--direction", type=Path, required=True,
-                        help="direction.safetensors written by the workbench, or a safetensors file with one vector")
-    parser.add_argument("--out", type=Path, required=True, help="new checkpoint folder")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    parser.add_argument("--source-model", default=None, help="model name for the card (default: the folder)")
-    args = parser.parse_args(argv)
-    out = orthogonalize_checkpoint(args.checkpoint, args.direction, args.out, overwrite=args.overwrite,
-                                   source_model=args.source_model)
+    settings = parse_settings(OrthogonalizeSettings, argv, OrthogonalizeSettings.__doc__)
+    out = orthogonalize_checkpoint(settings.checkpoint, settings.direction, settings.out,
+                                   overwrite=settings.overwrite, source_model=settings.source_model)
     meta = json.loads((out / "direction.json").read_text())
     print(json.dumps({"checkpoint": str(out), **meta["orthogonalization"]}, indent=2))
     return meta
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, kept="the new checkpoint is renamed into place only once complete: nothing half-written is left")

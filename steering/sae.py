@@ -17,24 +17,26 @@ from __future__ import annotations
 import copy
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
-from safetensors import SafetensorError
-from sae_lens import SAE, StandardTrainingSAE, StandardTrainingSAEConfig, TopKTrainingSAE
-from sae_lens import TopKTrainingSAEConfig
+from sae_lens import SAE, StandardTrainingSAE, StandardTrainingSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens.config import LoggingConfig, SAETrainerConfig
 from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
 from sae_lens.evals import ExplainedVarianceCalculator
 from sae_lens.saes.sae import SAEMetadata, TrainingSAE
 from sae_lens.training.sae_trainer import SAETrainer
+from safetensors import SafetensorError
 
+from probes.cli_args import non_negative_float, positive_float, positive_int
 from probes.datasets import DATA_DIR
 from probes.files import atomic_folder
+from probes.forward import IGNORE, answer_nll, pad_id, pad_token_ids, text_token_ids
 from probes.models import ModelHandle
 from probes.progress import progress_bar
-from steering.generation import pad
+from probes.settings import Settings, setting
 from steering.hooks import replace_residual, residual_point
 
 ARCHITECTURES = ("standard", "topk")
@@ -55,14 +57,15 @@ def _check_acts(acts: torch.Tensor, d_in: int | None = None) -> None:
         raise ValueError("activations contain NaN or infinite values")
 
 
-def _training_sae(architecture: str, d_in: int, d_sae: int, l1_coefficient: float, k: int, l1_warm_up_steps: int,
-                  aux_coefficient: float, device: torch.device, metadata: dict) -> TrainingSAE:
-    """A fresh SAELens training SAE of the given architecture (weights from the current torch RNG)."""
-    common = dict(d_in=d_in, d_sae=d_sae, device=str(device), dtype="float32", metadata=SAEMetadata(**metadata))
-    if architecture == "standard":
+def _training_sae(settings: SAESettings, d_in: int, l1_warm_up_steps: int, device: torch.device,
+                  metadata: dict) -> TrainingSAE:
+    """A fresh SAELens training SAE of the settings' architecture (weights from the current torch RNG)."""
+    common = dict(d_in=d_in, d_sae=settings.d_sae, device=str(device), dtype="float32",
+                  metadata=SAEMetadata(**metadata))
+    if settings.architecture == "standard":
         return StandardTrainingSAE(StandardTrainingSAEConfig(
-            l1_coefficient=l1_coefficient, l1_warm_up_steps=l1_warm_up_steps, **common))
-    return TopKTrainingSAE(TopKTrainingSAEConfig(k=k, aux_loss_coefficient=aux_coefficient, **common))
+            l1_coefficient=settings.l1, l1_warm_up_steps=l1_warm_up_steps, **common))
+    return TopKTrainingSAE(TopKTrainingSAEConfig(k=settings.k, aux_loss_coefficient=settings.aux, **common))
 
 
 def _batches(acts: torch.Tensor, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
@@ -84,55 +87,81 @@ def _inference_sae(training: TrainingSAE) -> SAE:
     return sae.eval()
 
 
-def train_sae(acts: torch.Tensor, d_sae: int, l1_coefficient: float = 5.0, *, architecture: str = "standard",
-              k: int = 32, epochs: float = 20.0, batch_size: int = 1024, lr: float = 1e-3,
-              l1_warm_up_fraction: float = 0.05, lr_decay_fraction: float = 0.2, normalize: bool = True,
-              dead_window_tokens: int = 1_000_000, aux_coefficient: float = 1.0, metadata: dict | None = None,
+@dataclass(kw_only=True)
+class SAESettings(Settings):
+    """How an SAE is trained. The defaults trained the shipped SAEs (``steering.train_saes``), from Python as from
+    the command line."""
+
+    d_sae: int = setting(4096, "latents of each SAE", parse=positive_int)
+    architecture: str = setting("topk", "standard: ReLU with an L1 penalty on decoder-norm-weighted latents; topk: "
+                                        "the k largest latents are kept", choices=ARCHITECTURES)
+    k: int = setting(32, "active latents per token (topk)", parse=positive_int)
+    l1: float = setting(5.0, "L1 coefficient (standard)", parse=non_negative_float)
+    aux: float = setting(1.0, "weight of the AuxK loss that revives dead latents (topk; 0 turns it off)",
+                         parse=non_negative_float)
+    dead_window: int = setting(200_000, "training tokens without firing after which a latent counts as dead",
+                               parse=positive_int)
+    epochs: float = setting(5.0, "passes over the training activations", parse=positive_float)
+    sae_batch_tokens: int = setting(1024, "tokens per SAE training step", parse=positive_int)
+    lr: float = setting(1e-3, "learning rate (Adam)", parse=positive_float)
+    l1_warm_up_fraction: float = setting(0.05, "share of the steps over which the L1 penalty warms up (standard)",
+                                         parse=non_negative_float)
+    lr_decay_fraction: float = setting(0.2, "share of the last steps over which the learning rate decays to 0",
+                                       parse=non_negative_float)
+    normalize: bool = setting(True, "train on activations scaled to mean norm sqrt(d_in), the scale folded into "
+                                    "the weights afterwards (--no-normalize: as read)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
+        if min(self.d_sae, self.sae_batch_tokens, self.epochs, self.lr, self.dead_window) <= 0 \
+                or min(self.l1, self.aux, self.l1_warm_up_fraction, self.lr_decay_fraction) < 0:
+            raise ValueError(f"d_sae, sae_batch_tokens, epochs, lr and dead_window must be positive, l1, aux and the "
+                             f"fractions non-negative, got {self.to_dict()}")
+        if self.architecture == "topk" and not 1 <= self.k <= self.d_sae:
+            raise ValueError(f"k must be in 1..d_sae={self.d_sae} (topk), got {self.k}")
+
+
+def train_sae(acts: torch.Tensor, settings: SAESettings | None = None, *, metadata: dict | None = None,
               seed: int = 0, device: str | torch.device | None = None, progress: bool = True) -> SAE:
-    """Train an SAE on activations ``[n_tokens, d_in]`` with SAELens's trainer; returns SAELens's inference SAE.
+    """Train an SAE on activations ``[n_tokens, d_in]`` with SAELens's trainer, as ``settings`` say (default:
+    :class:`SAESettings`, the shipped SAEs' settings); returns SAELens's inference SAE.
 
-    architecture: ``"standard"`` (ReLU with an L1 penalty of ``l1_coefficient`` on decoder-norm-weighted latents)
-    or ``"topk"`` (the ``k`` largest latents are kept; ``l1_coefficient`` is unused). ``epochs`` passes over the
-    data in shuffled batches; the L1 penalty warms up over the first ``l1_warm_up_fraction`` of the steps and the
+    architecture: ``"standard"`` (ReLU with an L1 penalty of ``l1`` on decoder-norm-weighted latents) or ``"topk"``
+    (the ``k`` largest latents are kept; ``l1`` is unused). ``epochs`` passes over the data in shuffled batches of
+    ``sae_batch_tokens``; the L1 penalty warms up over the first ``l1_warm_up_fraction`` of the steps and the
     learning rate decays linearly to 0 over the last ``lr_decay_fraction`` (as in Anthropic's April 2024 update).
-    With ``normalize``, activations are scaled to mean norm sqrt(d_in) during training (so ``l1_coefficient`` means
-    the same at every layer) and the scale is folded into the weights afterwards.
+    With ``normalize``, activations are scaled to mean norm sqrt(d_in) during training (so ``l1`` means the same at
+    every layer) and the scale is folded into the weights afterwards.
 
-    Dead latents: SAELens's trainer counts a latent dead once it has not fired for ``dead_window_tokens`` training
-    tokens (rounded to whole batches); a top-k SAE then trains its dead latents to reconstruct the residual error
-    (the AuxK loss of Gao et al., 2024, weighted by ``aux_coefficient``; 0 turns it off). ``metadata`` (e.g. ``model_name``,
+    Dead latents: SAELens's trainer counts a latent dead once it has not fired for ``dead_window`` training tokens
+    (rounded to whole batches); a top-k SAE then trains its dead latents to reconstruct the residual error (the
+    AuxK loss of Gao et al., 2024, weighted by ``aux``; 0 turns it off). ``metadata`` (e.g. ``model_name``,
     ``layer`` and ``hook_name``, the hook point ``acts`` were read at, which decides where the SAE is applied) is
     stored in ``sae.cfg.metadata`` together with the training settings.
     """
     _check_acts(acts)
-    if architecture not in ARCHITECTURES:
-        raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
-    if d_sae < 1 or batch_size < 1 or epochs <= 0 or lr <= 0 or l1_coefficient < 0 or aux_coefficient < 0 \
-            or dead_window_tokens < 1:
-        raise ValueError(f"d_sae, batch_size, epochs and lr must be positive and l1_coefficient non-negative, got "
-                         f"d_sae={d_sae}, batch_size={batch_size}, epochs={epochs}, lr={lr}, "
-                         f"l1_coefficient={l1_coefficient}, aux_coefficient={aux_coefficient}, "
-                         f"dead_window_tokens={dead_window_tokens}")
-    if architecture == "topk" and not 1 <= k <= d_sae:
-        raise ValueError(f"k must be in 1..d_sae={d_sae}, got {k}")
+    settings = settings or SAESettings()
     device = torch.device(device) if device is not None else acts.device
     n, d_in = acts.shape
-    batch_size = min(batch_size, n)
-    steps = max(1, round(epochs * n / batch_size))
-    dead_window = max(1, -(-dead_window_tokens // batch_size))
-    settings = dict(architecture=architecture, d_sae=d_sae, epochs=epochs, batch_size=batch_size, lr=lr,
-                    steps=steps, n_tokens=n, normalize=normalize, seed=seed, dead_window_steps=dead_window,
-                    **({"l1_coefficient": l1_coefficient} if architecture == "standard" else
-                       {"k": k, "aux_coefficient": aux_coefficient}))
+    batch_size = min(settings.sae_batch_tokens, n)
+    steps = max(1, round(settings.epochs * n / batch_size))
+    dead_window = max(1, -(-settings.dead_window // batch_size))
+    record = dict(architecture=settings.architecture, d_sae=settings.d_sae, epochs=settings.epochs,
+                  batch_size=batch_size, lr=settings.lr, steps=steps, n_tokens=n, normalize=settings.normalize,
+                  seed=seed, dead_window_steps=dead_window,
+                  **({"l1_coefficient": settings.l1} if settings.architecture == "standard" else
+                     {"k": settings.k, "aux_coefficient": settings.aux}))
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        training = _training_sae(architecture, d_in, d_sae, l1_coefficient, k, int(l1_warm_up_fraction * steps),
-                                 aux_coefficient, device, {**(metadata or {}), "training": settings})
+        training = _training_sae(settings, d_in, int(settings.l1_warm_up_fraction * steps), device,
+                                 {**(metadata or {}), "training": record})
     data = _batches(acts.to(device), batch_size, torch.Generator().manual_seed(seed))
-    trainer = SAETrainer(cfg=_trainer_config(steps, batch_size, lr, int(lr_decay_fraction * steps), dead_window,
-                                             device),
+    trainer = SAETrainer(cfg=_trainer_config(steps, batch_size, settings.lr,
+                                             int(settings.lr_decay_fraction * steps), dead_window, device),
                          sae=training, data_provider=data)
-    if normalize:
+    if settings.normalize:
         trainer.activation_scaler.scaling_factor = d_in ** 0.5 / acts.float().norm(dim=-1).mean().item()
     for _ in progress_bar(range(steps), desc="train SAE", progress=progress):
         trainer.maybe_reset_sparsity()
@@ -282,7 +311,7 @@ def _token_ids(model: ModelHandle, prompts: Sequence[str] | Sequence[Sequence[in
     if isinstance(prompts, str) or not len(prompts):
         raise ValueError("give a non-empty list of texts or of token-id lists")
     if all(isinstance(p, str) for p in prompts):
-        return model.tokenizer(list(prompts))["input_ids"]
+        return text_token_ids(model, prompts)
     if all(isinstance(p, (list, tuple, torch.Tensor)) for p in prompts):
         return [[int(t) for t in p] for p in prompts]
     raise ValueError("every prompt must be a string (or every prompt a list of token ids)")
@@ -302,10 +331,8 @@ def sae_positions(model: ModelHandle, input_ids: torch.Tensor, mask: torch.Tenso
 
 def _summed_ce(model: ModelHandle, input_ids: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:
     """Summed next-token cross-entropy over real target tokens, and their count."""
-    logits = model.hf_model(input_ids=input_ids, attention_mask=mask.long(), use_cache=False).logits[:, :-1]
-    targets = mask[:, 1:]
-    ce = torch.nn.functional.cross_entropy(logits[targets].float(), input_ids[:, 1:][targets], reduction="sum")
-    return ce.item(), int(targets.sum())
+    logits = model.hf_model(input_ids=input_ids, attention_mask=mask.long(), use_cache=False).logits
+    return answer_nll(logits, input_ids.masked_fill(~mask, IGNORE)).item(), int(mask[:, 1:].sum())
 
 
 @torch.no_grad()
@@ -328,7 +355,7 @@ def reconstruction_ce(model: ModelHandle, sae: SAE, prompts: Sequence[str] | Seq
     count = 0
     for start in progress_bar(range(0, len(ids), batch_size), desc="reconstruction loss", unit="batch",
                               progress=progress):
-        input_ids, mask = pad(model, ids[start:start + batch_size], side="right")
+        input_ids, mask = pad_token_ids(ids[start:start + batch_size], pad_id(model), "right", model.device)
         mask = mask.bool()
         where = sae_positions(model, input_ids, mask).unsqueeze(-1)
         edits = {"ce_clean": None, "ce_sae": lambda h: torch.where(where, reconstruct(sae, h), h),

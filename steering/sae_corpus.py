@@ -8,46 +8,57 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Sequence, TypeVar
 
 import torch
 
-from probes.cache import read_residual_pre
+from probes.cache import extract
+from probes.cli_args import non_negative_int, positive_float, positive_int
 from probes.conflict import conflict_prompts, known_facts_candidates
 from probes.datasets import load_entities, load_nqswap, load_refusal_instructions
+from probes.forward import generate, generate_from_ids, pad_id, pad_token_ids, text_token_ids
 from probes.models import ModelHandle
 from probes.progress import progress_bar
-from steering.generation import generate, generate_from_ids
+from probes.settings import Settings, setting
 from steering.sae import sae_positions
 
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
-class CorpusSettings:
-    """What goes into an SAE training corpus; ``None`` takes every text of that source.
+@dataclass(kw_only=True)
+class CorpusSettings(Settings):
+    """What goes into an SAE training corpus; a count of ``None`` takes every text of that source.
 
     The defaults (those of the shipped SAEs) give 6,500 texts and 0.36M tokens, sized for a 2-core CPU (43 minutes
     for corpus, activations and two SAEs); on a GPU take every text of each source (pass ``None``) and many more of
     the model's own answers and continuations."""
 
-    conflict_facts: int | None = 400   # known-fact candidates, each with its original and its substituted context
-    instructions: int | None = 2000    # harmless training instructions, in the model's chat template
-    answered: int | None = 300         # of those, how many are followed by the model's own sampled answer
-    headlines: int | None = 3000       # news headlines
-    passages: int | None = 400         # NQ-Swap's Wikipedia passages (the original contexts)
-    continuations: int = 300           # openings of headlines and passages, continued by the model (sampled)
-    answer_tokens: int = 64
-    continuation_tokens: int = 64
-    opening_words: int = 8             # words of a headline or passage kept as the opening to continue
-    temperature: float = 1.0           # sampling temperature of the model's own text
+    conflict_facts: int | None = setting(400, "corpus: known-fact candidates, each with its original and its "
+                                              "substituted context", parse=non_negative_int)
+    instructions: int | None = setting(2000, "corpus: harmless training instructions, in the model's chat template",
+                                       parse=non_negative_int)
+    answered: int | None = setting(300, "corpus: of those, how many are followed by the model's own sampled answer",
+                                   parse=non_negative_int)
+    headlines: int | None = setting(3000, "corpus: news headlines", parse=non_negative_int)
+    passages: int | None = setting(400, "corpus: NQ-Swap's Wikipedia passages (the original contexts)",
+                                   parse=non_negative_int)
+    continuations: int = setting(300, "corpus: headline and passage openings continued by the model (sampled)",
+                                 parse=non_negative_int)
+    answer_tokens: int = setting(64, "corpus: tokens of each sampled answer", parse=positive_int)
+    continuation_tokens: int = setting(64, "corpus: tokens of each sampled continuation", parse=positive_int)
+    opening_words: int = setting(8, "corpus: words of a headline or passage kept as the opening to continue",
+                                 parse=positive_int)
+    temperature: float = setting(1.0, "corpus: sampling temperature of the model's own text", parse=positive_float)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         counts = {k: getattr(self, k) for k in ("conflict_facts", "instructions", "answered", "headlines", "passages")}
         bad = {k: v for k, v in counts.items() if v is not None and v < 0}
         if bad or self.continuations < 0 or min(self.answer_tokens, self.continuation_tokens, self.opening_words) < 1:
-            raise ValueError(f"corpus counts must be >= 0 and token counts >= 1, got {asdict(self)}")
+            raise ValueError(f"corpus counts must be >= 0 and token counts >= 1, got {counts}, continuations "
+                             f"{self.continuations}, answer_tokens {self.answer_tokens}, continuation_tokens "
+                             f"{self.continuation_tokens}, opening_words {self.opening_words}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0 (the model's own text is sampled), got {self.temperature}")
 
@@ -63,9 +74,10 @@ def _passages() -> list[str]:
     return list(dict.fromkeys(t for t in texts if t))
 
 
-def corpus_sources(model: ModelHandle, settings: CorpusSettings = CorpusSettings(), seed: int = 0,
+def corpus_sources(model: ModelHandle, settings: CorpusSettings | None = None, seed: int = 0,
                    batch_size: int = 32, progress: bool = True) -> dict[str, list[str]]:
     """The corpus's texts by source, each list in a seeded order; the model's own text is sampled with ``seed``."""
+    settings = settings or CorpusSettings()
     rng = random.Random(seed)
     facts = _take(rng, known_facts_candidates(seed=seed), settings.conflict_facts)
     instructions = _take(rng, load_refusal_instructions("train", "harmless"), settings.instructions)
@@ -77,13 +89,13 @@ def corpus_sources(model: ModelHandle, settings: CorpusSettings = CorpusSettings
                        settings.temperature, seed) if n_answered else []
     openings = [" ".join(t.split()[:settings.opening_words]) for t in _take(rng, headlines + passages,
                                                                              settings.continuations)]
-    ids = [model.tokenizer(t)["input_ids"] for t in openings]
+    ids = text_token_ids(model, openings)
     continued = generate_from_ids(model, ids, settings.continuation_tokens, batch_size, progress,
                                   settings.temperature, seed + 1) if ids else []
     return {"conflict_prompts": conflict_prompts(facts, "sub") + conflict_prompts(facts, "org"),
-            "instructions_with_answers": [c + a for c, a in zip(chat, answers)],
+            "instructions_with_answers": [c + a for c, a in zip(chat, answers, strict=False)],
             "instructions": chat[n_answered:], "headlines": headlines, "passages": passages,
-            "continuations": [o + c for o, c in zip(openings, continued)]}
+            "continuations": [o + c for o, c in zip(openings, continued, strict=True)]}
 
 
 def mix(sources: dict[str, list[str]], seed: int = 0) -> list[str]:
@@ -93,35 +105,41 @@ def mix(sources: dict[str, list[str]], seed: int = 0) -> list[str]:
     return texts
 
 
-def corpus(model: ModelHandle, settings: CorpusSettings = CorpusSettings(), seed: int = 0, batch_size: int = 32,
+def corpus(model: ModelHandle, settings: CorpusSettings | None = None, seed: int = 0, batch_size: int = 32,
            progress: bool = True) -> list[str]:
     """The texts of :func:`corpus_sources`, shuffled."""
     return mix(corpus_sources(model, settings, seed, batch_size, progress), seed)
 
 
-@torch.inference_mode()
 def token_activations(model: ModelHandle, texts: Sequence[str], layers: Sequence[int], max_tokens: int | None = None,
                       batch_size: int = 32, max_length: int = 256, progress: bool = True) -> dict[int, torch.Tensor]:
     """Residual stream entering each block of ``layers`` at every token an SAE acts on (padding and BOS dropped, see
-    :func:`steering.sae.sae_positions`): {layer: [n_tokens, d_model]} float32 on the model's device, cut at
-    ``max_tokens``."""
+    :func:`steering.sae.sae_positions`): {layer: [n_tokens, d_model]} float32 on the model's device, text after text,
+    cut at ``max_tokens`` (later batches are never read). Each text is cut to ``max_length`` tokens; every token of
+    ``batch_size`` texts at a time is read by :func:`probes.cache.extract`, in one forward pass padded to the
+    longest of them (the shapes the shipped SAEs' activations were read in, so they come out bit for bit)."""
     if not texts:
         raise ValueError("no texts")
     bad = [layer for layer in layers if not 0 <= layer < model.n_layers]
     if bad or not layers:
         raise ValueError(f"layers must be in 0..{model.n_layers - 1}, got {list(layers)}")
+    hooks = [f"blocks.{layer}.hook_resid_pre" for layer in layers]
     chunks: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     total = 0
     for start in progress_bar(range(0, len(texts), batch_size), desc="token activations", progress=progress):
-        enc = model.tokenizer(list(texts[start:start + batch_size]), return_tensors="pt", padding=True,
-                              truncation=True, max_length=max_length).to(model.device)
-        keep = sae_positions(model, enc["input_ids"], enc["attention_mask"].bool())
-
-        def read(layer: int, hidden: torch.Tensor) -> None:
-            # each block's hidden states sit on its own device when the model is spread over devices
-            chunks[layer].append(hidden[keep.to(hidden.device)].float().to(model.device))
-        read_residual_pre(model, layers, read, **enc)
+        ids = text_token_ids(model, texts[start:start + batch_size], max_length)
+        cache = extract(model, ids, hooks, positions="all", batch_tokens=len(ids) * max(map(len, ids)),
+                        progress=False, pad_multiple=1)
+        keep = _sae_tokens(model, ids).to(cache.acts.device)
+        for j, layer in enumerate(layers):
+            chunks[layer].append(cache.acts[keep, j])
         total += int(keep.sum())
         if max_tokens is not None and total >= max_tokens:
             break
     return {layer: torch.cat(c)[:max_tokens] for layer, c in chunks.items()}
+
+
+def _sae_tokens(model: ModelHandle, ids: list[list[int]]) -> torch.Tensor:
+    """[n_tokens] bool over every token of ``ids``, text after text: where an SAE acts (:func:`sae_positions`)."""
+    input_ids, mask = pad_token_ids(ids, pad_id(model), "right", multiple=1)
+    return sae_positions(model, input_ids, mask.bool())[mask.bool()]

@@ -26,15 +26,25 @@ from typing import Callable, Literal, Mapping, Sequence
 import torch
 
 from probes.cache import extract, residual_hooks
-from probes.cli_args import (ArgumentParser, add_placement_args, check_layers, layer_list, number_list, placement,
-                             positive_int, proportion, run_cli)
-from probes.conflict import (USES_CONTEXT, USES_MEMORY, ConflictExample, conflict_prompts, exact_match,
-                             generate_answers, group_by_behaviour, kind_counts)
+from probes.cli_args import check_layers, layer_list, number_list, positive_int, run_cli
+from probes.cli_args import proportion as proportion_arg
+from probes.conflict import (
+    ANSWER_BATCH,
+    USES_CONTEXT,
+    USES_MEMORY,
+    ConflictExample,
+    conflict_prompts,
+    group_by_behaviour,
+    kind_counts,
+)
 from probes.files import atomic_write_json, prepare_run_folder
+from probes.forward import generate
 from probes.linear import LogisticProbe
-from probes.metrics import paired_bootstrap, rate_with_interval
+from probes.metrics import exact_match_rate, exact_matches, paired_bootstrap, rate_with_interval
 from probes.models import ModelHandle, layer_count, load_model
 from probes.progress import progress_bar
+from probes.report import Table
+from probes.settings import ModelSettings, RunSettings, parse_settings, setting
 from steering.hooks import replace_residual
 from steering.mutual_info import mutual_information, select_latents
 
@@ -138,19 +148,6 @@ def edit_last_token(model: ModelHandle, edits: Mapping[str, Edit], generated: bo
     return replace_residual(model, {hook: last_only(edit) for hook, edit in edits.items()})
 
 
-def exact_matches(answers: Sequence[str], references: Sequence[Sequence[str]]) -> list[bool]:
-    """Whether each answer matches one of its references after QA normalisation."""
-    if not answers or len(answers) != len(references):
-        raise ValueError(f"{len(answers)} answers for {len(references)} references")
-    return [bool(exact_match(a, r)) for a, r in zip(answers, references)]
-
-
-def exact_match_rate(answers: Sequence[str], references: Sequence[Sequence[str]]) -> float:
-    """Fraction of answers matching one of their references after QA normalisation."""
-    matches = exact_matches(answers, references)
-    return sum(matches) / len(matches)
-
-
 # Methods compared on the same test prompts (paired bootstrap): (name, method, against).
 COMPARISONS = (("spare_vs_no_edit", "spare", "no_edit"), ("spare_vs_actadd", "spare", "actadd"),
                ("actadd_vs_no_edit", "actadd", "no_edit"))
@@ -214,8 +211,9 @@ def sae_hooks(model: ModelHandle, saes: Mapping[int, object]) -> dict[int, str]:
 
 
 @dataclass
-class Steering:
-    """Fitted SpARE latents and activation-addition directions, one per SAE layer, and where each acts."""
+class FittedSteering:
+    """What :func:`fit_steering` learns from the training split: the SpARE latents and activation-addition
+    directions, one per SAE layer, and where each acts; :meth:`edits` turns them into edits."""
 
     saes: Mapping[int, object]
     hooks: dict[int, str]  # each SAE's own hook point: where activations were read and where the edits land
@@ -234,7 +232,7 @@ class Steering:
 
 
 def fit_steering(model: ModelHandle, saes: Mapping[int, object], examples: Sequence[ConflictExample],
-                 labels: Sequence[str], proportion: float = 0.01, progress: bool = True) -> Steering:
+                 labels: Sequence[str], proportion: float = 0.01, progress: bool = True) -> FittedSteering:
     """Latents and directions, at each SAE's hook point, from the training examples answered from the context or
     from memory."""
     keep = [i for i, g in enumerate(labels) if g in (USES_CONTEXT, USES_MEMORY)]
@@ -245,7 +243,7 @@ def fit_steering(model: ModelHandle, saes: Mapping[int, object], examples: Seque
     uses_context = torch.tensor([labels[i] == USES_CONTEXT for i in keep], device=acts.device)
     latents = {l: behaviour_latents(saes[l], acts[:, j], uses_context, l, proportion) for j, l in enumerate(layers)}
     directions = {l: acts[uses_context, j].mean(0) - acts[~uses_context, j].mean(0) for j, l in enumerate(layers)}
-    return Steering(saes, hooks, latents, directions)
+    return FittedSteering(saes, hooks, latents, directions)
 
 
 def steered_answers(model: ModelHandle, prompts: Sequence[str], edits: Mapping[str, Edit], max_new_tokens: int,
@@ -253,7 +251,7 @@ def steered_answers(model: ModelHandle, prompts: Sequence[str], edits: Mapping[s
     """Greedy answers with ``edits`` (by hook point; none: the unedited model) applied, also to the generated tokens
     if ``generated``."""
     with edit_last_token(model, edits, generated):
-        return generate_answers(model, prompts, max_new_tokens=max_new_tokens, progress=progress)
+        return generate(model, prompts, max_new_tokens, ANSWER_BATCH, progress, chat=False, first_line=True)
 
 
 def references(examples: Sequence[ConflictExample], target: Target) -> list[tuple[str, ...]]:
@@ -261,14 +259,14 @@ def references(examples: Sequence[ConflictExample], target: Target) -> list[tupl
     return [e.sub_answers if target == "context" else e.org_answers for e in examples]
 
 
-def steer(model: ModelHandle, steering: Steering, prompts: Sequence[str], method: str, target: Target,
+def steer(model: ModelHandle, fitted: FittedSteering, prompts: Sequence[str], method: str, target: Target,
           setting: EditSetting, max_new_tokens: int) -> list[str]:
     """Greedy answers steered by ``method`` toward ``target`` with one grid ``setting``."""
-    edits = steering.edits(method, target, setting.strength, setting.remove)
+    edits = fitted.edits(method, target, setting.strength, setting.remove)
     return steered_answers(model, prompts, edits, max_new_tokens, generated=setting.generated)
 
 
-def tune(model: ModelHandle, steering: Steering, val: Sequence[ConflictExample], method: str, target: Target,
+def tune(model: ModelHandle, fitted: FittedSteering, val: Sequence[ConflictExample], method: str, target: Target,
          grid: Sequence[EditSetting], max_new_tokens: int, progress: bool = True
          ) -> tuple[EditSetting, dict[str, float]]:
     """The setting with the best validation exact match for ``target`` (the first of ties, in grid order) and the
@@ -276,7 +274,7 @@ def tune(model: ModelHandle, steering: Steering, val: Sequence[ConflictExample],
     if not grid:
         raise ValueError(f"no settings to tune {method} on")
     prompts, refs = conflict_prompts(val, "sub"), references(val, target)
-    scores = [exact_match_rate(steer(model, steering, prompts, method, target, setting, max_new_tokens), refs)
+    scores = [exact_match_rate(steer(model, fitted, prompts, method, target, setting, max_new_tokens), refs)
               for setting in progress_bar(grid, desc=f"tune {method} to {target}", progress=progress)]
     best = max(range(len(grid)), key=scores.__getitem__)
     return grid[best], {setting.label(method): score for setting, score in zip(grid, scores)}
@@ -284,27 +282,51 @@ def tune(model: ModelHandle, steering: Steering, val: Sequence[ConflictExample],
 
 @dataclass
 class Experiment:
-    """The split, the unedited behaviour on each part and the steering fitted on the training part."""
+    """The split, the unedited behaviour on each part and the latents and directions fitted on the training part."""
 
     parts: dict[str, list[ConflictExample]]
     answers: dict[str, list[str]]  # unedited greedy answers on the substituted-context prompts
     groups: dict[str, list[str]]
-    steering: Steering
+    fitted: FittedSteering
     max_new_tokens: int  # answer length, the same for every edit compared
 
 
+@dataclass(kw_only=True)
+class SpareSettings(ModelSettings, RunSettings):
+    """The conflict examples, the SAEs, the latent selection and the edits tried (``seed``: the split and the
+    sample of examples)."""
+
+    dataset: str = setting("known_facts", "conflict examples: the model's known facts (built once and cached in "
+                                          "data/known_facts) or NQ-Swap", choices=("known_facts", "nqswap"))
+    n_examples: int | None = setting(None, "examples used (default: all)", parse=positive_int)
+    layers: list[int] | None = setting(None, "SAE layers to edit, e.g. 9,12 or 9-12 (default: every shipped SAE)",
+                                       parse=layer_list)
+    sae_dir: Path | None = setting(None, "folder of layer_<L> SAE folders (default: data/sae/<model>)", parse=Path)
+    sae_release: str | None = setting(None, "SAELens release of pretrained SAEs, e.g. "
+                                            "gemma-scope-2b-pt-res-canonical")
+    sae_id: str | None = setting(None, "SAE id with {layer}, e.g. 'layer_{layer}/width_16k/canonical'")
+    proportion: float = setting(0.01, "top proportion of latents by mutual information", parse=proportion_arg)
+    strengths: list[float] = setting(list(STRENGTHS), "edit strengths tried on validation, e.g. 0.5,2",
+                                     parse=number_list)
+    tune_n: int | None = setting(None, "validation examples the edit settings are tuned on (default: all of the "
+                                       "split)", parse=positive_int)
+    max_new_tokens: int = setting(8, "tokens of each greedy answer", parse=positive_int)
+
+
 def prepare(model: ModelHandle, examples: Sequence[ConflictExample], saes: Mapping[int, object],
-            proportion: float = 0.01, max_new_tokens: int = 8, seed: int = 0, progress: bool = True) -> Experiment:
-    """Split, answer every substituted-context prompt unedited, group by behaviour, fit latents and directions."""
+            settings: SpareSettings | None = None, progress: bool = True) -> Experiment:
+    """Split, answer every substituted-context prompt unedited, group by behaviour, fit latents and directions
+    (``settings``: its ``seed``, ``proportion`` and ``max_new_tokens``; default :class:`SpareSettings`)."""
+    settings = settings or SpareSettings()
     if not saes:
         raise ValueError("need at least one SAE (a mapping layer -> SAE)")
     sae_hooks(model, saes)  # an SAE that cannot be placed fails here, before the unedited answers are generated
-    parts = split(examples, seed=seed)
-    answers = {k: steered_answers(model, conflict_prompts(v, "sub"), {}, max_new_tokens, progress)
+    parts = split(examples, seed=settings.seed)
+    answers = {k: steered_answers(model, conflict_prompts(v, "sub"), {}, settings.max_new_tokens, progress)
                for k, v in parts.items()}
     groups = {k: group_by_behaviour(answers[k], v) for k, v in parts.items()}
-    return Experiment(parts, answers, groups,
-                      fit_steering(model, saes, parts["train"], groups["train"], proportion, progress), max_new_tokens)
+    fitted = fit_steering(model, saes, parts["train"], groups["train"], settings.proportion, progress)
+    return Experiment(parts, answers, groups, fitted, settings.max_new_tokens)
 
 
 def run_outputs() -> tuple[str, ...]:
@@ -314,22 +336,24 @@ def run_outputs() -> tuple[str, ...]:
     return ("results.json", "plotly.min.js", *FIGURE_FILES)
 
 
-def report(model: ModelHandle, experiment: Experiment, out: Path, spare_grid: Sequence[EditSetting] | None = None,
-           actadd_grid: Sequence[EditSetting] | None = None, dataset: str = "", progress: bool = True,
-           overwrite: bool = False, tune_n: int | None = None) -> dict:
-    """Conflict probe, edit settings tuned on validation (default grids: :func:`edit_grid`; on its first ``tune_n``
-    examples if given, to spend less time: every setting answers every tuning prompt), exact match on test;
-    writes ``OUT/results.json`` (DESIGN.md contract), the figures and the report page. A folder holding a previous
-    run's outputs is refused unless ``overwrite``, which removes them first."""
-    grids = {"actadd": actadd_grid or edit_grid("actadd"), "spare": spare_grid or edit_grid("spare")}
-    start = time.perf_counter()
-    prepare_run_folder(out, run_outputs(), overwrite)
-    parts, steering, max_new_tokens = experiment.parts, experiment.steering, experiment.max_new_tokens
-    tuning = parts["val"][:tune_n]
+def evaluate(model: ModelHandle, experiment: Experiment, settings: SpareSettings,
+             spare_grid: Sequence[EditSetting] | None = None, actadd_grid: Sequence[EditSetting] | None = None,
+             progress: bool = True) -> dict:
+    """Conflict probe, edit settings tuned on validation (default grids: :func:`edit_grid` of
+    ``settings.strengths``; on its first ``settings.tune_n`` examples if given, to spend less time: every setting
+    answers every tuning prompt), exact match on test; writes ``settings.out/results.json`` (docs/results.md), the
+    figures and the report page. A folder holding a previous run's outputs is refused unless
+    ``settings.overwrite``, which removes them first."""
+    grids = {"actadd": actadd_grid or edit_grid("actadd", settings.strengths),
+             "spare": spare_grid or edit_grid("spare", settings.strengths)}
+    start, out = time.perf_counter(), settings.out
+    prepare_run_folder(out, run_outputs(), settings.overwrite)
+    parts, fitted, max_new_tokens = experiment.parts, experiment.fitted, experiment.max_new_tokens
+    tuning = parts["val"][:settings.tune_n]
     accuracy = conflict_probe(model, parts["train"], parts["test"], progress=progress)
-    results: dict = {"model": model.name, "dataset": dataset, "layers": list(range(len(accuracy))),
-                     "conflict_probe_accuracy": accuracy, "spare_layers": sorted(steering.latents),
-                     "sae_hooks": dict(sorted(steering.hooks.items())),
+    results: dict = {"model": model.name, "dataset": settings.dataset, "layers": list(range(len(accuracy))),
+                     "conflict_probe_accuracy": accuracy, "spare_layers": sorted(fitted.latents),
+                     "sae_hooks": dict(sorted(fitted.hooks.items())),
                      "n": {**{k: len(v) for k, v in parts.items()}, "tuning": len(tuning)},
                      "known_facts_kinds": {"all": kind_counts([e for v in parts.values() for e in v]),
                                            **{k: kind_counts(v) for k, v in parts.items()}},
@@ -337,18 +361,18 @@ def report(model: ModelHandle, experiment: Experiment, out: Path, spare_grid: Se
                                           for k, v in experiment.groups.items()},
                      "latents": {l: {"context": s.context.tolist(), "memory": s.memory.tolist(),
                                      "mi": s.mi[torch.cat([s.context, s.memory]).cpu()].tolist()}
-                                 for l, s in steering.latents.items()},
-                     "tuning": {}}
+                                 for l, s in fitted.latents.items()},
+                     "tuning": {}, "settings": settings.to_dict()}
     test_prompts = conflict_prompts(parts["test"], "sub")
     for target in ("context", "memory"):
         refs = references(parts["test"], target)
         matches = {"no_edit": exact_matches(experiment.answers["test"], refs)}
         for method, grid in grids.items():
-            best, curve = tune(model, steering, tuning, method, target, grid, max_new_tokens, progress)
+            best, curve = tune(model, fitted, tuning, method, target, grid, max_new_tokens, progress)
             results["tuning"][f"{method}_to_{target}"] = {"setting": asdict(best), "label": best.label(method),
                                                          "val_exact_match": curve}
             matches[method] = exact_matches(
-                steer(model, steering, test_prompts, method, target, best, max_new_tokens), refs)
+                steer(model, fitted, test_prompts, method, target, best, max_new_tokens), refs)
         results[f"steer_to_{target}"] = {m: sum(v) / len(v) for m, v in matches.items()}
         rates, comparisons = match_statistics(matches)
         results.setdefault("exact_match", {})[f"steer_to_{target}"] = rates
@@ -361,14 +385,34 @@ def report(model: ModelHandle, experiment: Experiment, out: Path, spare_grid: Se
     return results
 
 
-def run(model: ModelHandle, examples: Sequence[ConflictExample], saes: Mapping[int, object], out: Path,
-        proportion: float = 0.01, spare_grid: Sequence[EditSetting] | None = None,
-        actadd_grid: Sequence[EditSetting] | None = None, max_new_tokens: int = 8, seed: int = 0,
-        dataset: str = "", progress: bool = True, overwrite: bool = False, tune_n: int | None = None) -> dict:
-    """The whole experiment on ``examples``: :func:`prepare` then :func:`report` (the folder checked first)."""
-    prepare_run_folder(out, run_outputs(), overwrite)
-    experiment = prepare(model, examples, saes, proportion, max_new_tokens, seed, progress)
-    return report(model, experiment, out, spare_grid, actadd_grid, dataset, progress, overwrite, tune_n)
+def run(model: ModelHandle, examples: Sequence[ConflictExample], saes: Mapping[int, object],
+        settings: SpareSettings, spare_grid: Sequence[EditSetting] | None = None,
+        actadd_grid: Sequence[EditSetting] | None = None, progress: bool = True) -> dict:
+    """The whole experiment on ``examples`` as ``settings`` say: :func:`prepare` then :func:`evaluate` (the folder
+    checked first)."""
+    prepare_run_folder(settings.out, run_outputs(), settings.overwrite)
+    experiment = prepare(model, examples, saes, settings, progress)
+    return evaluate(model, experiment, settings, spare_grid, actadd_grid, progress)
+
+
+def example_answers(model: ModelHandle, experiment: Experiment, results: dict, n: int = 8) -> Table:
+    """The first ``n`` held-out test prompts: the question, the answer its context states, the memorised answer,
+    the unedited answer and SpARE's toward each behaviour with the settings tuned on validation."""
+    test = experiment.parts["test"][:n]
+    prompts = conflict_prompts(test, "sub")
+    steered = [steer(model, experiment.fitted, prompts, "spare", target,
+                     EditSetting(**results["tuning"][f"spare_to_{target}"]["setting"]), experiment.max_new_tokens)
+               for target in ("context", "memory")]
+    rows = zip(test, experiment.answers["test"][:n], *steered, strict=True)
+    return Table("Example answers (held-out test prompts)",
+                 ["question", "context says", "memory", "no edit", "SpARE to context", "SpARE to memory"],
+                 [[e.question, e.sub_answers[0], e.org_answers[0], *answers] for e, *answers in rows])
+
+
+def load_inputs(model: ModelHandle, settings: SpareSettings) -> tuple[dict[int, object], list[ConflictExample]]:
+    """The SAEs (:func:`load_saes`) and the conflict examples (:func:`conflict_examples`) ``settings`` name."""
+    saes = load_saes(model, settings.layers, settings.sae_dir, settings.sae_release, settings.sae_id)
+    return saes, conflict_examples(model, settings.dataset, settings.n_examples, settings.seed)
 
 
 def load_saes(model: ModelHandle, layers: Sequence[int] | None, sae_dir: Path | None = None,
@@ -423,45 +467,20 @@ def conflict_examples(model: ModelHandle, dataset: str, n: int | None, seed: int
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = ArgumentParser(__doc__)
-    parser.add_argument("--model", default="embedded")
-    parser.add_argument("--dataset", default="known_facts", choices=("known_facts", "nqswap"))
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--overwrite", action="store_true", help="replace the outputs of a previous run in --out")
-    parser.add_argument("--n", type=positive_int, default=None, help="examples used (default: all)")
-    parser.add_argument("--layers", type=layer_list, default=None, help="SAE layers to edit, e.g. 9,12 or 9-12 (default: every shipped SAE)")
-    parser.add_argument("--sae-dir", type=Path, default=None)
-    parser.add_argument("--sae-release", default=None, help="SAELens release of pretrained SAEs, e.g. gemma-scope-2b-pt-res-canonical")
-    parser.add_argument("--sae-id", default=None, help="SAE id with {layer}, e.g. 'layer_{layer}/width_16k/canonical'")
-    parser.add_argument("--proportion", type=proportion, default=0.01, help="top proportion of latents by MI")
-    parser.add_argument("--strengths", type=number_list, default=list(STRENGTHS),
-                        help="edit strengths tried on validation, e.g. 0.5,2")
-    parser.add_argument("--tune-n", type=positive_int, default=None,
-                        help="validation examples the edit settings are tuned on (default: all of the split)")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default=None)
-    add_placement_args(parser)
-    parser.add_argument("--dtype", default=None)
-    args = parser.parse_args(argv)
-    layers, strengths = args.layers, args.strengths
-    check_layers(layers, layer_count(args.model), args.model)
-    sae_folders(args.model, layers, args.sae_dir, args.sae_release, args.sae_id)
-    prepare_run_folder(args.out, run_outputs(), args.overwrite)  # refused before the model loads
-    model = load_model(args.model, device=args.device, dtype=args.dtype, **placement(args))
-    saes = load_saes(model, layers, args.sae_dir, args.sae_release, args.sae_id)
-    examples = conflict_examples(model, args.dataset, args.n, args.seed)
-    results = run(model, examples, saes, args.out, proportion=args.proportion,
-                  spare_grid=edit_grid("spare", strengths), actadd_grid=edit_grid("actadd", strengths),
-                  max_new_tokens=args.max_new_tokens, seed=args.seed, dataset=args.dataset, overwrite=args.overwrite,
-                  tune_n=args.tune_n)
+    settings = parse_settings(SpareSettings, argv, __doc__)
+    check_layers(settings.layers, layer_count(settings.model), settings.model)
+    sae_folders(settings.model, settings.layers, settings.sae_dir, settings.sae_release, settings.sae_id)
+    prepare_run_folder(settings.out, run_outputs(), settings.overwrite)  # refused before the model loads
+    model = load_model(settings.model, **settings.load_kwargs())
+    saes, examples = load_inputs(model, settings)
+    results = run(model, examples, saes, settings)
     best = max(range(len(results["conflict_probe_accuracy"])), key=results["conflict_probe_accuracy"].__getitem__)
     print(f"conflict probe: best layer {best}, accuracy {results['conflict_probe_accuracy'][best]:.3f}")
     for target in ("steer_to_context", "steer_to_memory"):
         print(f"{target:17s} " + "  ".join(f"{k} {v:.3f}" for k, v in results[target].items()))
-    print(f"wrote {args.out / 'results.json'}")
+    print(f"wrote {settings.out / 'results.json'}")
     return results
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, kept="results.json and the figures are written only at the end: nothing half-written is left")

@@ -8,8 +8,16 @@ import plotly.graph_objects as go
 
 from probes.cache import RESIDUAL_HOOK
 from probes.files import write_figure
-from probes.report import (DIFFERENCE_COLUMNS, RATE_COLUMNS, REPORT, Page, Table, difference_cells, rate_cells,
-                           write_report)
+from probes.report import (
+    DIFFERENCE_COLUMNS,
+    RATE_COLUMNS,
+    REPORT,
+    Page,
+    Table,
+    difference_cells,
+    rate_cells,
+    write_report,
+)
 
 METHODS = ("no_edit", "actadd", "spare")
 
@@ -104,6 +112,6 @@ def write_all(results: dict, out: Path) -> list[Path]:
     """Every figure as HTML in ``out`` (plotly.js once, beside them) and the report page ``index.html`` showing
     them with the run's settings and numbers, each file atomically."""
     figs = figures(results)
-    settings = {"model": results["model"], "dataset": results["dataset"], "SAE hook points": results["sae_hooks"]}
+    settings = {**results["settings"], "SAE hook points": results["sae_hooks"]}
     page = Page(f"SpARE: {results['model']}", settings, report_tables(results), figs)
     return [*(write_figure(fig, out / f"{name}.html") for name, fig in figs.items()), write_report(out, page)]

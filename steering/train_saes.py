@@ -10,111 +10,91 @@ existing folder is replaced only with ``--overwrite``, and the shipped ``data/``
 Corpus: :func:`steering.sae_corpus.corpus_sources` (conflict prompts, chat instructions with the model's own sampled
 answers, headlines, Wikipedia passages, the model's sampled continuations of headline and passage openings; 0.36M
 tokens by default, sized for a 2-core CPU; on a GPU raise the counts, e.g. ``--instructions 18000 --answered 18000
---headlines 17000 --passages 4700 --continuations 8000 --forward-batch 512 --device cuda``). A held-out slice of it
+--headlines 17000 --passages 4700 --continuations 8000 --batch-size 512 --device cuda``). A held-out slice of it
 gives the explained variance and the share of dead latents (all of it) and the fraction of cross-entropy loss
 recovered (its first ``--ce-texts`` texts), scored on the float16 weights as stored and written into each SAE's
-metadata and ``OUT/training.json``.
+metadata and ``OUT/training.json``. The defaults of every SAE setting (:class:`steering.sae.SAESettings`) are those
+of the shipped SAEs, from Python (:func:`steering.sae.train_sae`) as from here.
 """
 
 from __future__ import annotations
 
-import sys
 import time
-from dataclasses import asdict
+from dataclasses import dataclass
 from pathlib import Path
 
-from probes.cli_args import add_placement_args, parse_layers, placement
-from probes.cli_args import (ArgumentParser, UsageError, check_layers, non_negative_float, non_negative_int,
-                             positive_float, positive_int, run_cli)
+from probes.cli_args import check_layers, layer_list, positive_int, run_cli
 from probes.files import atomic_folder, atomic_write_json, check_not_shipped
 from probes.models import layer_count, load_model
-from steering.sae import evaluate_sae, float16_copy, reconstruction_ce, save_sae, train_sae
+from probes.settings import BatchSettings, ModelSettings, RunSettings, parse_settings, setting
+from steering.sae import SAESettings, evaluate_sae, float16_copy, reconstruction_ce, save_sae, train_sae
 from steering.sae_corpus import CorpusSettings, corpus_sources, mix, token_activations
 
 
-def _parser() -> ArgumentParser:
-    parser = ArgumentParser(__doc__)
-    parser.add_argument("--model", default="embedded")
-    parser.add_argument("--layers", required=True, help="e.g. 9,15 or 9-15")
-    parser.add_argument("--d-sae", type=positive_int, default=4096)
-    parser.add_argument("--architecture", choices=("standard", "topk"), default="topk")
-    parser.add_argument("--k", type=positive_int, default=32, help="active latents per token (topk)")
-    parser.add_argument("--l1", type=non_negative_float, default=5.0, help="L1 coefficient (standard)")
-    parser.add_argument("--aux", type=non_negative_float, default=1.0,
-                        help="weight of the AuxK loss that revives dead latents (topk; 0 turns it off)")
-    parser.add_argument("--dead-window", type=positive_int, default=200_000,
-                        help="training tokens without firing after which a latent counts as dead")
-    parser.add_argument("--epochs", type=positive_float, default=5.0)
-    parser.add_argument("--batch-size", type=positive_int, default=1024, help="tokens per SAE training step")
-    parser.add_argument("--lr", type=positive_float, default=1e-3)
-    parser.add_argument("--max-tokens", type=positive_int, default=None, help="cap on training tokens")
-    parser.add_argument("--heldout-texts", type=positive_int, default=400,
-                        help="texts held out for the evaluation (explained variance, dead latents)")
-    parser.add_argument("--ce-texts", type=positive_int, default=150,
-                        help="of the held-out texts, how many score the cross-entropy loss recovered")
-    defaults = CorpusSettings()
-    for name in ("conflict_facts", "instructions", "answered", "headlines", "passages"):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=non_negative_int, default=getattr(defaults, name),
-                            help=f"corpus: {name.replace('_', ' ')} (default: {getattr(defaults, name) or 'all'})")
-    parser.add_argument("--continuations", type=non_negative_int, default=defaults.continuations,
-                        help="corpus: headline and passage openings continued by the model")
-    parser.add_argument("--forward-batch", type=positive_int, default=32,
-                        help="texts per model batch, when the model writes its part of the corpus and when its "
-                             "activations are read (e.g. 512 on a GPU)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default=None)
-    add_placement_args(parser)
-    parser.add_argument("--out", type=Path, default=None, help="default: runs/sae/<model>")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
-    parser.add_argument("--update-shipped", action="store_true",
-                        help="allow --out inside the shipped data/ folder (replacing shipped SAEs on purpose)")
-    return parser
+@dataclass(kw_only=True)
+class TrainSAEsSettings(ModelSettings, RunSettings, BatchSettings, SAESettings, CorpusSettings):
+    """SAE training from corpus to stored SAEs: which layers, the corpus (:class:`CorpusSettings`), each SAE
+    (:class:`SAESettings`) and its evaluation; ``batch_size``: texts per forward pass, when the model writes its
+    part of the corpus and when its activations are read (e.g. 512 on a GPU)."""
+
+    layers: list[int] | None = setting(None, "layers whose residual stream entering the block gets an SAE, e.g. "
+                                             "9,15 or 9-15", parse=layer_list, required=True)
+    out: Path | None = setting(None, "output folder (default: runs/sae/<model>)", parse=Path)
+    max_tokens: int | None = setting(None, "cap on training tokens", parse=positive_int)
+    heldout_texts: int = setting(400, "texts held out for the evaluation (explained variance, dead latents)",
+                                 parse=positive_int)
+    ce_texts: int = setting(150, "of the held-out texts, how many score the cross-entropy loss recovered",
+                            parse=positive_int)
+    update_shipped: bool = setting(False, "allow --out inside the shipped data/ folder (replacing shipped SAEs on "
+                                          "purpose)")
+
+    def output(self) -> Path:
+        """The folder the run writes: ``out``, or ``runs/sae/<model>``."""
+        return self.out or Path("runs") / "sae" / self.model.replace("/", "--")
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = _parser().parse_args(argv)
-    out = check_not_shipped(args.out or Path("runs") / "sae" / args.model.replace("/", "--"), args.update_shipped)
-    if out.exists() and not args.overwrite:
+    return run(parse_settings(TrainSAEsSettings, argv, __doc__))
+
+
+def run(settings: TrainSAEsSettings) -> dict:
+    """Build the corpus, read the model's activations, train, evaluate and store one SAE per layer in one folder
+    (refused before any work if it exists and ``settings.overwrite`` is off); the record ``training.json`` holds."""
+    out = check_not_shipped(settings.output(), settings.update_shipped)
+    if out.exists() and not settings.overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it, or choose another --out")
-    layers = parse_layers(args.layers)
-    check_layers(layers, layer_count(args.model), args.model)
-    if args.architecture == "topk" and args.k > args.d_sae:
-        raise UsageError(f"--k {args.k} is more than --d-sae {args.d_sae} latents; choose k <= d_sae")
-    settings = CorpusSettings(conflict_facts=args.conflict_facts, instructions=args.instructions,
-                              answered=args.answered, headlines=args.headlines, passages=args.passages,
-                              continuations=args.continuations)
+    layers = settings.layers
+    check_layers(layers, layer_count(settings.model), settings.model)
     start = time.perf_counter()
-    model = load_model(args.model, device=args.device, **placement(args))
-    sources = corpus_sources(model, settings, seed=args.seed, batch_size=args.forward_batch)
-    texts = mix(sources, args.seed)
-    heldout, train = texts[:args.heldout_texts], texts[args.heldout_texts:]
+    model = load_model(settings.model, **settings.load_kwargs())
+    sources = corpus_sources(model, settings, seed=settings.seed, batch_size=settings.batch_size)
+    texts = mix(sources, settings.seed)
+    heldout, train = texts[:settings.heldout_texts], texts[settings.heldout_texts:]
     if not train:
-        raise UsageError(f"the corpus has {len(texts)} texts, no more than --heldout-texts {args.heldout_texts}")
-    acts = token_activations(model, train, layers, max_tokens=args.max_tokens, batch_size=args.forward_batch)
-    heldout_acts = token_activations(model, heldout, layers, batch_size=args.forward_batch)
-    record = {"command": " ".join(["python -m steering.train_saes", *(argv if argv is not None else sys.argv[1:])]),
-              "model": model.name, "corpus": {"settings": asdict(settings), "texts": {k: len(v) for k, v in
-                                                                                       sources.items()}},
+        raise ValueError(f"the corpus has {len(texts)} texts, no more than --heldout-texts {settings.heldout_texts}")
+    acts = token_activations(model, train, layers, max_tokens=settings.max_tokens, batch_size=settings.batch_size)
+    heldout_acts = token_activations(model, heldout, layers, batch_size=settings.batch_size)
+    record = {"command": settings.command("steering.train_saes"), "model": model.name, "settings": settings.to_dict(),
+              "corpus": {"settings": settings.part(CorpusSettings).to_dict(),
+                         "texts": {k: len(v) for k, v in sources.items()}},
               "n_texts": len(train), "n_heldout_texts": len(heldout), "layers": {}}
     record["corpus_seconds"] = time.perf_counter() - start
-    with atomic_folder(out, overwrite=args.overwrite) as tmp:
-        _train_layers(model, layers, acts, heldout_acts, heldout, args, tmp, record)
+    with atomic_folder(out, overwrite=settings.overwrite) as tmp:
+        _train_layers(model, acts, heldout_acts, heldout, settings, tmp, record)
         record["seconds"] = time.perf_counter() - start
         atomic_write_json(tmp / "training.json", record)
     return record
 
 
-def _train_layers(model, layers: list[int], acts: dict, heldout_acts: dict, heldout: list[str], args, tmp: Path,
-                  record: dict) -> None:
+def _train_layers(model, acts: dict, heldout_acts: dict, heldout: list[str], settings: TrainSAEsSettings,
+                  tmp: Path, record: dict) -> None:
     """Train, evaluate (the float16 weights as stored) and save (into the run's temporary folder ``tmp``) one SAE
     per layer."""
-    for layer in layers:
-        sae = train_sae(acts[layer], args.d_sae, args.l1, architecture=args.architecture, k=args.k,
-                        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, aux_coefficient=args.aux,
-                        dead_window_tokens=args.dead_window, seed=args.seed,
+    for layer in settings.layers:
+        sae = train_sae(acts[layer], settings.part(SAESettings), seed=settings.seed,
                         metadata={"model_name": model.name, "hook_name": f"blocks.{layer}.hook_resid_pre",
                                   "layer": layer})  # token_activations reads the residual entering each block
-        stored, ce_texts = float16_copy(sae).float(), heldout[:args.ce_texts]
+        stored, ce_texts = float16_copy(sae).float(), heldout[:settings.ce_texts]
         scores = {**evaluate_sae(stored, heldout_acts[layer]),
                   **reconstruction_ce(model, stored, ce_texts), "n_ce_texts": len(ce_texts),
                   "n_train_tokens": int(acts[layer].shape[0]), "n_heldout_tokens": int(heldout_acts[layer].shape[0])}
@@ -124,4 +104,4 @@ def _train_layers(model, layers: list[int], acts: dict, heldout_acts: dict, held
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, kept="the SAEs are written as one folder once all are trained; nothing half-written is left")

@@ -11,7 +11,6 @@ import torch
 
 from probes.models import load_model
 
-
 DEVICE = os.environ.get("WORKBENCH_TEST_DEVICE", "cpu")  # set to "cuda" to run the suite on a GPU
 
 

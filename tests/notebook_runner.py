@@ -1,4 +1,4 @@
-"""Execute a notebook with its parameters cell replaced, in the test process's Python environment."""
+"""Execute a notebook with overrides appended after its parameters cell, in the test process's Python environment."""
 
 from __future__ import annotations
 
@@ -12,11 +12,13 @@ NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
 
 def run_notebook(name: str, params: dict, timeout: int = 900) -> nbformat.NotebookNode:
-    """Run ``notebooks/name`` with ``params`` in place of its cell tagged 'parameters'; return the executed notebook."""
+    """Run ``notebooks/name`` with ``params`` assigned in a cell right after its cell tagged 'parameters' (as
+    papermill does: the notebook's own defaults stay, the overrides win); return the executed notebook."""
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
-    cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
-    assert len(cells) == 1, f"{name} needs exactly one cell tagged 'parameters'"
-    cells[0].source = "\n".join(f"{k} = {v!r}" for k, v in params.items())
+    index = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
+    assert len(index) == 1, f"{name} needs exactly one cell tagged 'parameters'"
+    overrides = nbformat.v4.new_code_cell("\n".join(f"{k} = {v!r}" for k, v in params.items()))
+    nb.cells.insert(index[0] + 1, overrides)
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS.parent)}})
     client.km_kwargs = {"kernel_cmd": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]}
     client.execute()

@@ -8,11 +8,12 @@ the edit vs the hooks, KL on post-norm families) are printed by ``python -m benc
 import pytest
 import torch
 from peft import get_peft_model
-from transformers import AutoModelForCausalLM, MambaConfig
+from transformers import AutoModelForCausalLM, RwkvConfig
 
 from probes.architecture import UnsupportedArchitecture
 from probes.cache import extract, residual_hooks
-from probes.models import RANDOM_FAMILIES, build_random_model, load_model
+from probes.models import load_model
+from probes.random_models import RANDOM_FAMILIES, build_random_model
 from steering.hooks import ablate, add
 from steering.organism import lora_config
 from steering.orthogonalize import orthogonalize, save_checkpoint
@@ -22,7 +23,18 @@ FAMILIES = sorted(RANDOM_FAMILIES)
 REQUIRED = {"llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gemma3_text", "olmo2", "gpt2", "gpt_neox",
             "mixtral", "qwen3_moe"}
 POST_NORM = {"gemma2", "gemma3_text", "olmo2"}
-MOE = {"mixtral", "qwen3_moe", "qwen2_moe"}
+# Weight edits that cannot equal the hooks, and why: the edit is reported approximate, with its KL.
+APPROXIMATE = {**{f: "RMSNorm between the weights and the residual stream" for f in POST_NORM},
+               "bloom": "word_embeddings_layernorm: a LayerNorm between the weights and the residual stream",
+               "xglm": "embed_positions: position embeddings computed, not stored (a buffer)"}
+MOE = {"mixtral", "qwen3_moe", "qwen2_moe", "deepseek_v3", "glm4_moe", "llama4_text", "qwen3_next", "jamba"}
+# Each block writes its MLP (or MoE) output and one sequence mixer's output (two on Falcon-H1, whose attention and
+# Mamba-2 mixer run in parallel); the layers of hybrid families alternate attention with another mixer.
+MIXERS = {"qwen3_next": {"attn", "linear_attn"}, "jamba": {"attn", "mixer"}, "falcon_h1": {"attn", "mamba"},
+          "lfm2": {"attn", "conv"}}
+PARALLEL_MIXERS = {"falcon_h1": 2}
+NORMED = POST_NORM | {"bloom"}  # a norm between some writer's weights and the residual stream
+FLOAT32_ONLY = {"xglm"}  # transformers' XGLM attention mask overflows in float64
 PROMPTS = ["How do I bake bread?", "Write a poem about the sea and the moon"]
 
 
@@ -64,9 +76,13 @@ def test_load_layout_and_ablation_keeps_the_residual_stream_orthogonal(family):
     model = load_model(f"random:{family}", device="cpu")  # float32, as users run it
     arch = model.architecture
     assert len(arch.blocks) == model.n_layers == 3
-    per_block = [w for w in arch.writers if w.layer is not None]
-    assert len(per_block) == 2 * model.n_layers and {w.kind for w in per_block} == {"attn", "mlp"}
-    assert arch.post_norm == (family in POST_NORM)
+    for layer in range(model.n_layers):
+        kinds = [w.kind for w in arch.writers if w.layer == layer]
+        assert kinds.count("mlp") == 1 and len(kinds) == 1 + PARALLEL_MIXERS.get(family, 1), (layer, kinds)
+    assert {w.kind for w in arch.writers if w.layer is not None} == MIXERS.get(family, {"attn"}) | {"mlp"}
+    assert arch.post_norm == (family in NORMED)
+    assert arch.exact_orthogonalization == (family not in APPROXIMATE)
+    assert family not in APPROXIMATE or any(APPROXIMATE[family] in why for why in arch.approximations)
     r = direction(model)
     _, plain = run(model)
     with ablate(model, r):
@@ -77,7 +93,9 @@ def test_load_layout_and_ablation_keeps_the_residual_stream_orthogonal(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_orthogonalize_equals_hooks_or_keeps_the_stream_orthogonal_and_reloads(family, tmp_path):
-    model = load_model(f"random:{family}", device="cpu", dtype="float64")
+    dtype = torch.float32 if family in FLOAT32_ONLY else torch.float64
+    tolerance = FLOAT32_REL if family in FLOAT32_ONLY else FLOAT64_REL
+    model = load_model(f"random:{family}", device="cpu", dtype=dtype)
     r = direction(model, seed=1)
     plain_logits, _ = run(model)
     with ablate(model, r):
@@ -85,23 +103,24 @@ def test_orthogonalize_equals_hooks_or_keeps_the_stream_orthogonal_and_reloads(f
     assert rel_err(plain_logits, hooked_logits) > 1e-3
     orthogonalize(model, r)
     edited_logits, edited = run(model)
-    if family in POST_NORM:
-        # the post-norm rescales each output: the stream stays orthogonal (their RMSNorm computes in float32), the
-        # logits move by a small KL from the hooks'
-        assert not model.extra["orthogonalized"]["exact"]
-        assert projection(edited, r) < 1e-6
-        assert 0 < kl(hooked_logits, edited_logits) < kl(hooked_logits, plain_logits)
+    assert model.orthogonalization.exact == (family not in APPROXIMATE)
+    if family in APPROXIMATE:
+        # a norm rescales the writer's output (the stream stays orthogonal; Gemma's and OLMo's RMSNorms compute in
+        # float32), or a buffer no weight edit reaches keeps its component: the logits move by a small KL
+        assert 0 < kl(hooked_logits, edited_logits)
+        if family in NORMED:
+            assert projection(edited, r) < 1e-6
+            assert kl(hooked_logits, edited_logits) < kl(hooked_logits, plain_logits)
     else:
-        assert model.extra["orthogonalized"]["exact"]
         assert projection(edited, r) < 1e-12
-        assert_rel_close(edited_logits, hooked_logits, FLOAT64_REL)
+        assert_rel_close(edited_logits, hooked_logits, tolerance)
     path = save_checkpoint(model, tmp_path / "ckpt", r, layer=1, position=-1)
     eager = {"experts_implementation": "eager"} if family in MOE else {}  # grouped expert matmuls: no float64 kernel
-    reloaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64, **eager)
+    reloaded = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **eager)
     enc = model.tokenizer(PROMPTS, return_tensors="pt", padding=True)
     with torch.inference_mode():
         again = reloaded(**enc).logits[enc["attention_mask"].bool()]
-    assert_rel_close(again, edited_logits, FLOAT64_REL)
+    assert_rel_close(again, edited_logits, tolerance)
 
 
 @pytest.mark.parametrize("family", sorted(REQUIRED - POST_NORM))
@@ -119,6 +138,29 @@ def test_orthogonalize_in_float32_matches_the_hooks(family):
 BRIDGE_DRIFTS = {"cohere"}
 
 
+def writer_outputs(model, ids) -> dict:
+    """What each writer adds to the residual stream, by (kind, layer), as [batch, seq, d]. BLOOM's attention and MLP
+    add the residual (their second argument) themselves: hooks on them project the whole stream, which is the same
+    ablation, and the write is their output minus that residual."""
+    captured = {}
+
+    def capture(module, args, output, key):
+        out = output[0] if isinstance(output, tuple) else output
+        if len(args) > 1 and isinstance(args[1], torch.Tensor) and args[1].shape == out.shape:
+            out = out - args[1]  # BLOOM
+        captured[key] = out.reshape(*ids.shape, -1).clone()  # OPT and Llama-4 flatten the tokens; Falcon adds in place
+
+    hooks = [w.module.register_forward_hook(lambda m, a, o, k=(w.kind, w.layer): capture(m, a, o, k))
+             for w in model.architecture.writers]
+    try:
+        with torch.inference_mode():
+            model.hf_model(input_ids=ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    return captured
+
+
 @pytest.mark.parametrize("family", sorted(set(FAMILIES) - BRIDGE_DRIFTS))
 def test_writers_and_extraction_agree_with_the_bridge(family):
     """The modules the workbench hooks output what the bridge calls hook_attn_out / hook_mlp_out, and extract gives
@@ -134,15 +176,7 @@ def test_writers_and_extraction_agree_with_the_bridge(family):
     for name in names:
         got = extract(model, PROMPTS[1:], hooks=[name], progress=False).acts[0, 0]
         assert_rel_close(got, ref[name][0, -1])
-    captured = {}
-    hooks = [w.module.register_forward_hook(lambda m, a, o, k=(w.kind, w.layer): captured.__setitem__(
-        k, (o[0] if isinstance(o, tuple) else o).clone())) for w in model.architecture.writers]  # Falcon adds in place
-    try:
-        with torch.inference_mode():
-            model.hf_model(input_ids=ids)
-    finally:
-        for h in hooks:
-            h.remove()
+    captured = writer_outputs(model, ids)
     for kind in ("attn", "mlp"):
         ours, theirs = captured[(kind, 1)][0, -1].double(), ref[f"blocks.1.hook_{kind}_out"][0, -1].double()
         # same direction (Granite scales the output by its residual multiplier after the module)
@@ -175,11 +209,12 @@ def test_lora_adapts_the_architectures_projections(family):
 
 
 def test_an_unsupported_architecture_is_a_clear_error():
-    config = MambaConfig(vocab_size=49152, hidden_size=32, num_hidden_layers=2, state_size=4)
+    config = RwkvConfig(vocab_size=49152, hidden_size=32, num_hidden_layers=2, attention_hidden_size=32,
+                        intermediate_size=64)
     model = build_random_model(config, device="cpu")
-    with pytest.raises(UnsupportedArchitecture, match="MambaForCausalLM"):
+    with pytest.raises(UnsupportedArchitecture, match="RwkvForCausalLM"):
         model.architecture
-    with pytest.raises(UnsupportedArchitecture, match="MambaForCausalLM"):
+    with pytest.raises(UnsupportedArchitecture, match="RwkvForCausalLM"):
         with ablate(model, torch.randn(model.d_model)):
             pass
 
@@ -189,7 +224,8 @@ def test_refusal_pipeline_runs_end_to_end(family, tmp_path):
     from steering import refusal
 
     model = load_model(f"random:{family}", device="cpu")
-    results = refusal.run(model, tmp_path, n_train=6, n_val=4, n_test=4, max_new_tokens=3, progress=False)
+    settings = refusal.RefusalSettings(model=model.name, out=tmp_path, n_train=6, n_val=4, n_test=4, max_new_tokens=3)
+    results = refusal.run(settings, model, progress=False)
     assert results["orthogonalization"]["exact"] == (family not in POST_NORM)
     if family in POST_NORM:
         assert results["kl_orthogonalized_vs_hooks"] > 0

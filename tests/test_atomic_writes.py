@@ -89,14 +89,14 @@ def test_extract_cli_never_leaves_half_a_results_json(tiny, tmp_path, monkeypatc
 def test_space_time_partial_results_survive_a_full_disk(tiny, tmp_path, monkeypatch):
     from probes import space_time
 
-    def reproduce(model, datasets, n, on_dataset, **kwargs):
+    def reproduce(model, settings, progress, on_dataset):
         on_dataset({"model": "m", "datasets": {"art": {}}})
         _half_then_enospc(monkeypatch, ("results.json",))
         on_dataset({"model": "m", "datasets": {"art": {}, "headline": {"pad": "x" * 10_000}}})
 
     monkeypatch.setattr(space_time, "reproduce", reproduce)
     with pytest.raises(OSError, match="No space"):
-        space_time.run(tiny, ["art", "headline"], 10, tmp_path)
+        space_time.run(space_time.SpaceTimeSettings(datasets=["art", "headline"], n_entities=10, out=tmp_path), tiny)
     monkeypatch.undo()
     assert json.loads((tmp_path / "results.json").read_text()) == {"model": "m", "datasets": {"art": {}},
                                                                    "complete": False}
@@ -150,30 +150,36 @@ def test_known_facts_file_is_atomic_and_overwrite_is_explicit(tmp_path, monkeypa
 def test_direction_cache_is_one_unit(tmp_path, monkeypatch):
     """Run A caches its directions; run B (other settings) is interrupted while writing them: a rerun of A gets A's
     vectors, a rerun of B recomputes; B's completed cache is never taken for A's, whatever lies beside it."""
-    from steering import refusal
+    from steering import directions, refusal
     from steering.directions import CandidateDirections
 
-    path = tmp_path / "cache" / "directions.safetensors"
-    meta_a, meta_b = {"n_train": 6, "weights": "a"}, {"n_train": 8, "weights": "a"}
-    vectors_a, vectors_b = torch.randn(2, 3, 8, dtype=torch.float64), torch.randn(2, 3, 8, dtype=torch.float64)
-    refusal._save_directions(path, CandidateDirections(vectors_a, [-2, -1], [0, 1, 2], excluded_dims=[1]), meta_a)
+    a = CandidateDirections(torch.randn(2, 3, 8, dtype=torch.float64), [-2, -1], [0, 1, 2], excluded_dims=[1])
+    b = CandidateDirections(torch.randn(2, 3, 8, dtype=torch.float64), [-2, -1], [0, 1, 2])
+    cache = refusal.StepCache(tmp_path / "cache", {"weights": "a"})
+    path = tmp_path / "cache" / "directions" / "candidates.safetensors"
+
+    def step(n_train: int, candidates: CandidateDirections | None = None) -> CandidateDirections:
+        """The directions step's cache: ``candidates`` is what a recomputation gives (None: it must not happen)."""
+        compute = (lambda: candidates) if candidates is not None else (lambda: pytest.fail("recomputed"))
+        return refusal.cached(cache, "directions", "candidates", {"n_train": n_train}, compute, refusal.CANDIDATES)
+
+    step(6, a)
 
     def interrupted(tensors, filename, metadata=None):
         Path(filename).write_bytes(b"partial")
         raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
-        m.setattr(refusal, "save_file", interrupted)
+        m.setattr(directions, "save_file", interrupted)
         with pytest.raises(KeyboardInterrupt):
-            refusal._save_directions(path, CandidateDirections(vectors_b, [-2, -1], [0, 1, 2]), meta_b)
-    assert torch.equal(refusal._load_directions(path, meta_a)["vectors"], vectors_a)
-    assert refusal._load_directions(path, meta_b) is None
+            step(8, b)
+    assert torch.equal(step(6).vectors, a.vectors) and step(6).excluded_dims == [1]
     assert _leftovers(tmp_path) == []
 
-    refusal._save_directions(path, CandidateDirections(vectors_b, [-2, -1], [0, 1, 2]), meta_b)
-    (path.parent / "directions.json").write_text(json.dumps(meta_a))  # a stale second half (old layout)
-    assert refusal._load_directions(path, meta_a) is None
-    assert torch.equal(refusal._load_directions(path, meta_b)["vectors"], vectors_b)
+    assert step(8, b) is b  # recomputed
+    (path.parent / "candidates.json").write_text(json.dumps({"n_train": 6, "weights": "a"}))  # a stale file beside
+    assert torch.equal(step(8).vectors, b.vectors)
+    assert step(6, a) is a
 
 
 # ------------------------------------------------------------------------------------------------ umask
@@ -246,9 +252,9 @@ def test_spare_and_refusal_runs_refuse_a_used_folder(tiny, tmp_path):
 
     (tmp_path / "results.json").write_text("{}")
     with pytest.raises(FileExistsError, match="previous run"):
-        refusal.run(tiny, tmp_path)
+        refusal.run(refusal.RefusalSettings(out=tmp_path, model=tiny.name), model=tiny)
     with pytest.raises(FileExistsError, match="previous run"):
-        spare.run(tiny, [], {}, tmp_path)
+        spare.run(tiny, [], {}, spare.SpareSettings(out=tmp_path))
 
 
 # ------------------------------------------------------------------------------------------------ shipped data

@@ -11,16 +11,15 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
-from probes import models
+from probes import models, random_models
 from probes.cache import ShardedActivationCache, extract
 from probes.cli_args import check_layers, number_list, parse_layers, positive_int, proportion
 from probes.conflict import load_examples
+from probes.forward import generate
 from probes.models import ModelLoadError, layer_count, load_model
 from probes.readers import CorruptFileError, read_json
 from steering.directions import diff_in_means
-from steering.generation import generate
 from steering.hooks import add
 
 
@@ -69,7 +68,7 @@ def test_add_refuses_nan_and_inf(tiny, bad):
     (dict(device="cuda:99"), "cuda"),
 ])
 def test_bad_device_or_dtype_names_the_choices(kwargs, message, monkeypatch):
-    monkeypatch.setattr(models, "build_random_model", lambda *a, **k: pytest.fail("loaded before checking"))
+    monkeypatch.setattr(random_models, "build_random_model", lambda *a, **k: pytest.fail("loaded before checking"))
     with pytest.raises(ModelLoadError, match=message):
         load_model("random:llama-tiny", **kwargs)
 
@@ -161,13 +160,12 @@ def test_corrupt_sharded_cache_is_named(tiny, tmp_path):
 
 
 def test_truncated_directions_cache_is_named(tmp_path):
-    from steering.refusal import _load_directions
+    from steering.directions import CandidateDirections
 
-    path = tmp_path / "directions.safetensors"
-    save_file({"vectors": torch.zeros(2, 3, 8), "excluded_dims": torch.zeros(0, dtype=torch.long)}, str(path))
+    path = CandidateDirections(torch.zeros(2, 3, 8), [-2, -1], [0, 1, 2]).save(tmp_path / "directions.safetensors")
     truncate(path)
     with pytest.raises(CorruptFileError, match="directions.safetensors is truncated.*delete it"):
-        _load_directions(path, {})
+        CandidateDirections.load(path)
 
 
 def test_truncated_known_facts_are_named(tmp_path):

@@ -1,8 +1,15 @@
 import pytest
 import torch
 
-from probes.cache import (ActivationCache, CacheError, ShardedActivationCache, extract, extract_group_means,
-                          pad_token_ids, residual_hooks)
+from probes.cache import (
+    ActivationCache,
+    CacheError,
+    ShardedActivationCache,
+    extract,
+    extract_group_means,
+    residual_hooks,
+)
+from probes.forward import pad_id, pad_token_ids
 from probes.positions import mark_span
 from tests.numerics import assert_rel_close
 
@@ -16,7 +23,7 @@ ENTITIES = [mark_span(t, e) for t, e in [("Where is {entity}?", "Mount Everest")
 def hidden_same_batch(model, prompts, side):
     """HF output_hidden_states for the very batch extract builds: [n, n_layers + 1, seq, d] and the mask."""
     ids = [model.tokenizer(p)["input_ids"] for p in prompts]
-    input_ids, mask = pad_token_ids(model, ids, side, model.device)
+    input_ids, mask = pad_token_ids(ids, pad_id(model), side, model.device)
     with torch.inference_mode():
         hidden = model.hf_model(input_ids=input_ids, attention_mask=mask,
                                 position_ids=(mask.cumsum(1) - 1).clamp(min=0), output_hidden_states=True).hidden_states

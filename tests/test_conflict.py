@@ -1,31 +1,38 @@
 import pandas as pd
 import pytest
 
-from probes.conflict import (DEMONSTRATIONS, FACT_KINDS, KNOWN_FACTS_DIR, KNOWN_FACTS_N, NEITHER, USES_CONTEXT,
-                             USES_MEMORY, ConflictExample, _facts, _kind_rows, _output_path, answered_correctly,
-                             cap_per_kind, century_name, closed_book_answers, conflict_prompt, conflict_prompts,
-                             exact_match, filter_known, generate_answers, group_by_behaviour, kind_counts,
-                             known_facts_candidates, load_examples, normalize_answer, nqswap_examples)
+from probes.conflict import (
+    DEMONSTRATIONS,
+    FACT_KINDS,
+    KNOWN_FACTS_DIR,
+    KNOWN_FACTS_N,
+    NEITHER,
+    USES_CONTEXT,
+    USES_MEMORY,
+    ConflictExample,
+    _facts,
+    _kind_rows,
+    _output_path,
+    answered_correctly,
+    cap_per_kind,
+    century_name,
+    closed_book_answers,
+    conflict_prompt,
+    conflict_prompts,
+    filter_known,
+    group_by_behaviour,
+    kind_counts,
+    known_facts_candidates,
+    load_examples,
+    nqswap_examples,
+)
 from probes.datasets import load_nqswap
+from probes.metrics import exact_match, normalize_answer
 
 
 def example(question="In which country is Oslo?", org="Norway", sub="Chile"):
     return ConflictExample(question=question, org_context=f"Oslo is located in {org}.", org_answers=(org,),
                            sub_context=f"Oslo is located in {sub}.", sub_answers=(sub,), kind="test")
-
-
-def test_normalisation_and_exact_match():
-    assert normalize_answer("  The Beatles! ") == "beatles"
-    assert normalize_answer("An apple,  a day") == "apple day"
-    assert normalize_answer("U.S.A.") == "usa"
-    assert normalize_answer("Theatre of the Absurd") == "theatre of absurd"  # articles only as whole words
-    assert normalize_answer("“Señor” – Ñandú") == "señor ñandú"  # Unicode punctuation too
-    assert exact_match("the United Kingdom.", ["UK", "United Kingdom"])
-    assert exact_match("uk", "UK")
-    assert not exact_match("United", "United Kingdom")
-    assert not exact_match("", "United Kingdom")
-    with pytest.raises(ValueError, match="at least one answer"):
-        exact_match("x", [])
 
 
 def test_prompt_format():
@@ -165,16 +172,6 @@ def test_group_by_behaviour():
     assert labels == [USES_CONTEXT, USES_MEMORY, NEITHER, NEITHER]  # last: both match, source unknown
     with pytest.raises(ValueError, match="2 predictions for 4"):
         group_by_behaviour(["a", "b"], examples)
-
-
-def test_generation_is_batch_independent_and_one_line(tiny):
-    prompts = conflict_prompts([example(), example(question="Where is Lima?")], "sub") + ["question: x\nanswer:"]
-    batched = generate_answers(tiny, prompts, max_new_tokens=6, batch_size=3, progress=False)
-    alone = [generate_answers(tiny, [p], max_new_tokens=6, progress=False)[0] for p in prompts]
-    assert batched == alone
-    assert all("\n" not in a for a in batched)
-    with pytest.raises(ValueError, match="no prompts"):
-        generate_answers(tiny, [])
 
 
 def test_filter_known_keeps_what_the_model_answers(tiny):

@@ -2,8 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from probes.datasets import (ENTITY_DATASETS, load_entities, load_jailbreakbench, load_nqswap,
-                             load_refusal_instructions)
+from probes.datasets import ENTITY_DATASETS, load_entities, load_jailbreakbench, load_nqswap, load_refusal_instructions
 
 
 def test_world_places_keep_the_file_split():

@@ -15,8 +15,8 @@ from probes.cache import default_batch_tokens, extract, extract_group_means, res
 from probes.cli_args import max_memory_arg, placement
 from probes.devices import OutOfMemory, follow, is_offloaded
 from probes.errors import WorkbenchError
+from probes.forward import chat_token_ids, generate, pad_id, pad_token_ids
 from probes.models import ModelLoadError, load_model
-from steering.generation import chat_token_ids, generate, left_pad
 from steering.hooks import ablate, add
 from steering.orthogonalize import orthogonalize
 from steering.spare import edit_last_token
@@ -42,7 +42,7 @@ def spread(tmp_path_factory):
 
 
 def logits(model):
-    input_ids, mask = left_pad(model, chat_token_ids(model, PROMPTS[:3]))
+    input_ids, mask = pad_token_ids(chat_token_ids(model, PROMPTS[:3]), pad_id(model), "left", model.device)
     with torch.inference_mode():
         return model.hf_model(input_ids=input_ids, attention_mask=mask).logits[:, -4:]
 
@@ -174,5 +174,5 @@ def test_refusal_pipeline_refuses_offloaded_weights_before_any_work(spread, tmp_
     from steering import refusal
 
     with pytest.raises(WorkbenchError, match="offloaded to the CPU or disk.*steering.orthogonalize --checkpoint"):
-        refusal.run(spread, tmp_path / "run", n_train=2, n_val=2, n_test=2, progress=False)
+        refusal.run(refusal.RefusalSettings(out=tmp_path / "run", n_train=2, n_val=2, n_test=2), spread, progress=False)
     assert not (tmp_path / "run").exists()

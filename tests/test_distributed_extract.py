@@ -18,8 +18,10 @@ import probes.distributed
 import probes.extract
 from probes.cache import ActivationCache, CacheError, ShardedActivationCache, extract, residual_hooks
 from probes.distributed import extract_distributed, share
+from probes.extract import ExtractSettings
 from probes.models import load_model
 from probes.positions import mark_span
+from probes.settings import build_parser
 from tests.numerics import assert_rel_close
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,10 +69,7 @@ def test_torchrun_extract_equals_one_process_run(tmp_path):
     prompts_file = tmp_path / "prompts.txt"
     prompts_file.write_text("\n".join(PROMPTS) + "\n")
     args = ["--model", MODEL, "--prompts-file", str(prompts_file), "--positions=-2,-1"]
-    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "probes.extract", *args, "--out", str(tmp_path / "two")],
-                         cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    run = _torchrun_extract(*args, "--out", str(tmp_path / "two"))
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert run.stdout.count("wrote ") == 1  # only rank 0 reports
     assert "4/4" in run.stderr and "3/3" not in run.stderr  # only rank 0 (4 of the 7 prompts) shows a bar
@@ -86,6 +85,45 @@ def test_torchrun_extract_equals_one_process_run(tmp_path):
     assert results["world_size"] == 2 and results["n_prompts"] == len(PROMPTS)
     assert results["shape"] == one["shape"] and results["hook_names"] == one["hook_names"]
     assert results["mean_norm_per_layer"] == pytest.approx(one["mean_norm_per_layer"], rel=1e-5)
+
+
+def _torchrun_extract(*args: str) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc-per-node 2 -m probes.extract ARGS`` on 2 CPU (gloo) ranks."""
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "probes.extract", *args], cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_every_extract_flag_passes_through_torchrun(tmp_path):
+    """Every flag of probes.extract, given after ``torchrun ... -m probes.extract``, reaches the workbench (none is
+    taken or refused as ambiguous by torchrun's own parser): the run records each value under ``settings``. The
+    placement flags, which spread one model over the devices while torchrun gives each process its own, are
+    refused with one line per rank."""
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("\n".join(PROMPTS) + "\n")
+    given = {"--model": MODEL, "--device": "cpu", "--dtype": "float32", "--dataset": "world_place",
+             "--template": "Where is {entity}?", "--n-prompts": "5", "--positions": "span_mean",
+             "--cache-dtype": "float16", "--out": str(tmp_path / "run"), "--overwrite": None, "--debug": None}
+    placement = {"--prompts-file": str(prompts_file), "--device-map": "auto", "--max-memory": "cpu=8GiB",
+                 "--offload-folder": str(tmp_path / "offload"), "--out": str(tmp_path / "refused")}
+    flags = {o for a in build_parser(ExtractSettings)._actions for o in a.option_strings if o.startswith("--")}
+    assert set(given) | set(placement) == flags - {"--help"}  # a new flag must be added here
+
+    run = _torchrun_extract(*(w for k, v in given.items() for w in (k, v) if w is not None))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["world_size"] == 2 and results["n_prompts"] == 5 and results["dtype"] == "float16"
+    assert results["settings"] == {**ExtractSettings(out=tmp_path / "run", dataset="world_place").to_dict(),
+                                   "model": MODEL, "device": "cpu", "dtype": "float32", "n_prompts": 5,
+                                   "template": "Where is {entity}?", "positions": "span_mean",
+                                   "cache_dtype": "float16", "overwrite": True}
+
+    refused = _torchrun_extract(*(w for kv in placement.items() for w in kv), "--model", MODEL)
+    assert refused.returncode != 0 and not (tmp_path / "refused").exists()
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: --device-map/--max-memory/--offload-folder spread one model over the devices, "
+                      "torchrun gives each process its own device: use one or the other"] * 2
 
 
 def _lost_device(*args, **kwargs):

@@ -4,7 +4,19 @@ import torch
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import r2_score as sk_r2
 
-from probes.metrics import _resample_rows, bootstrap_r2, haversine_km, pearson, proximity_error, r2_score, spearman
+from probes.metrics import (
+    _resample_rows,
+    bootstrap_r2,
+    exact_match,
+    exact_match_rate,
+    exact_matches,
+    haversine_km,
+    normalize_answer,
+    pearson,
+    proximity_error,
+    r2_score,
+    spearman,
+)
 
 
 def test_r2_matches_sklearn_single_multi_and_batched():
@@ -126,3 +138,26 @@ def test_bad_inputs_are_refused():
         bootstrap_r2(np.zeros(5), np.zeros((3, 5)))  # a layer axis: one layer at a time
     with pytest.raises(ValueError, match="at least 1 resample"):
         bootstrap_r2(np.arange(5.0), np.arange(5.0), n_resamples=0)
+
+
+def test_normalisation_and_exact_match():
+    assert normalize_answer("  The Beatles! ") == "beatles"
+    assert normalize_answer("An apple,  a day") == "apple day"
+    assert normalize_answer("U.S.A.") == "usa"
+    assert normalize_answer("Theatre of the Absurd") == "theatre of absurd"  # articles only as whole words
+    assert normalize_answer("“Señor” – Ñandú") == "señor ñandú"  # Unicode punctuation too
+    assert exact_match("the United Kingdom.", ["UK", "United Kingdom"])
+    assert exact_match("uk", "UK")
+    assert not exact_match("United", "United Kingdom")
+    assert not exact_match("", "United Kingdom")
+    with pytest.raises(ValueError, match="at least one answer"):
+        exact_match("x", [])
+
+
+def test_exact_matches_and_their_rate():
+    assert exact_matches(["The B.", "c"], [("b",), ("a", "C")]) == [True, True]
+    assert exact_match_rate(["The B.", "c"], [("b",), ("a",)]) == 0.5
+    with pytest.raises(ValueError, match="2 answers for 1 references"):
+        exact_matches(["a", "b"], [("a",)])
+    with pytest.raises(ValueError):
+        exact_match_rate([], [])

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from probes.models import ModelLoadError, builtin_names, load_model, random_twin
+from probes.models import ModelLoadError, builtin_names, load_model
 from probes.provenance import weights_fingerprint
+from probes.random_models import random_twin
 
 
 def test_embedded_metadata(embedded):

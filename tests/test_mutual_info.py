@@ -4,8 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from steering.mutual_info import (discretize, mutual_information, mutual_information_discrete,
-                                  mutual_information_sklearn, select_latents)
+from steering.mutual_info import (
+    discretize,
+    mutual_information,
+    mutual_information_discrete,
+    mutual_information_sklearn,
+    select_latents,
+)
 
 
 def sparse_latents(device, n=400, n_latents=40, informative=11, seed=0):

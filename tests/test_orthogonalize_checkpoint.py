@@ -18,7 +18,12 @@ from steering import orthogonalize as ortho
 from steering.orthogonalize import main, orthogonalize, orthogonalize_checkpoint, save_checkpoint
 from tests.numerics import FLOAT64_REL, rel_err
 
-FAMILIES = ["llama", "gemma2", "gpt2", "qwen3_moe", "mixtral"]  # pre-norm, post-norm, Conv1D + tied, two MoEs
+# pre-norm, post-norm, Conv1D + tied; MoEs stored as on the Hub, one tensor per expert (Mixtral, Qwen3-MoE; with
+# dense first layers and shared experts: DeepSeek-V3, GLM-4 MoE) or fused [E, expert_dim, hidden] (Llama-4); hybrid
+# mixers (gated DeltaNet, Mamba, Mamba-2 in parallel, short convolution); OPT's project_in; BLOOM's centred
+# embedding LayerNorm
+FAMILIES = ["llama", "gemma2", "gpt2", "qwen3_moe", "mixtral", "deepseek_v3", "glm4_moe", "llama4_text", "qwen3_next",
+            "jamba", "falcon_h1", "lfm2", "opt", "bloom"]
 SHARD = "200KB"  # a tiny model in 5-13 shards
 
 
@@ -171,6 +176,24 @@ def test_cli(checkpoint, tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "none.safetensors is missing" in err and "\n" not in err
+
+
+def test_out_is_never_the_checkpoint_or_inside_or_around_it(checkpoint, tmp_path, capsys):
+    """Refused with one line before anything is read or written, even with --overwrite: the edit would write into,
+    or replace, the weights it reads."""
+    src = checkpoint / "src"
+    (tmp_path / "link").symlink_to(src)
+    before = {p: p.stat().st_mtime_ns for p in src.rglob("*")}
+    for out, where in [(src, "is"), (tmp_path / "link", "is"), (src / "edited", "is inside"),
+                       (src / ".." / "src" / "x", "is inside"), (checkpoint, "contains")]:
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(main, ["--checkpoint", str(src), "--direction", str(checkpoint / "r.safetensors"),
+                           "--out", str(out), "--overwrite"])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"error: the output folder {out} {where} the checkpoint folder {src}: pick another folder for "
+                       "the edited checkpoint"]
+    assert {p: p.stat().st_mtime_ns for p in src.rglob("*")} == before and not (src / "edited").exists()
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the resident size from /proc")

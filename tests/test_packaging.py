@@ -1,8 +1,9 @@
 """The conda environment and the Makefile stay in step with pyproject.toml."""
 
 import re
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 

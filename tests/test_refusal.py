@@ -4,11 +4,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from probes.forward import (PAD_MULTIPLE, chat_token_ids, generate, last_token_logits, next_token_logprobs, pad_id,
+                            pad_token_ids)
+from probes.errors import WorkbenchError
 from probes.models import load_model
 from steering import refusal
 from steering.directions import CandidateDirections, diff_in_means, outlier_dimensions
-from probes.cache import PAD_MULTIPLE
-from steering.generation import chat_token_ids, generate, last_token_logits, next_token_logprobs, pad
 from tests.numerics import FLOAT32_REL, assert_rel_close
 from tests.report_checks import check_comparison, check_rate, check_report
 
@@ -25,9 +26,9 @@ def test_substring_judge_and_rate():
     assert refusal.refusal_rate(["a"], ["anything"], judge=lambda i, c: True) == 1.0  # pluggable judge
 
 
-def test_refusal_score_is_log_odds():
+def test_refusal_log_odds():
     logprobs = torch.log(torch.tensor([[0.5, 0.25, 0.25], [0.1, 0.1, 0.8]]))
-    score = refusal.refusal_score(logprobs, [0])
+    score = refusal.refusal_log_odds(logprobs, [0])
     assert score[0] == pytest.approx(0.0, abs=1e-6)
     assert score[1] == pytest.approx(float(torch.log(torch.tensor(0.1 / 0.9))), abs=1e-5)
 
@@ -38,7 +39,6 @@ def test_diff_in_means_matches_explicit_means(tiny):
     assert directions.vectors.shape == (len(tiny.post_instruction_positions()), tiny.n_layers, tiny.d_model)
     assert directions.vectors.dtype == torch.float64
     from probes.cache import extract
-    from steering.generation import chat_token_ids
     acts = extract(tiny, chat_token_ids(tiny, harmful + harmless), hooks=["blocks.2.hook_resid_pre"],
                    positions=[-1], progress=False).acts[:, 0, 0].double()
     expected = acts[:2].mean(0) - acts[2:].mean(0)
@@ -78,7 +78,7 @@ def test_batches_padded_to_a_multiple_of_eight_give_the_unpadded_logits(embedded
     ids = chat_token_ids(embedded, ["Hi", "Name three rivers"])
     assert all(len(row) % PAD_MULTIPLE for row in ids)  # so that padding is added to both
     for side in ("left", "right"):
-        input_ids, mask = pad(embedded, ids, side)
+        input_ids, mask = pad_token_ids(ids, pad_id(embedded), side, embedded.device)
         assert input_ids.shape[1] % PAD_MULTIPLE == 0 and mask.sum(1).tolist() == [len(row) for row in ids]
     with torch.no_grad():
         plain = torch.cat([embedded.hf_model(torch.tensor([row], device=embedded.device)).logits[:, -1]
@@ -86,11 +86,14 @@ def test_batches_padded_to_a_multiple_of_eight_give_the_unpadded_logits(embedded
     assert_rel_close(last_token_logits(embedded, ids), plain, dim=-1)
 
 
-def test_pipeline_writes_the_contract_and_a_loadable_checkpoint(tmp_path, device):
+def test_pipeline_writes_the_contract_and_a_loadable_checkpoint(tmp_path, device, monkeypatch):
     model = load_model("random:llama-tiny", device=device)
-    results = refusal.run(model, tmp_path, n_train=6, n_val=4, n_test=4, max_new_tokens=4, progress=False)
+    settings = refusal.RefusalSettings(model=model.name, out=tmp_path, n_train=6, n_val=4, n_test=4, max_new_tokens=4)
+    results = refusal.run(settings, model, progress=False)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved == json.loads(json.dumps(results))
+    assert saved["settings"] == settings.to_dict() and saved["settings"]["eval_sets"] == ["test"]
+    assert saved["evaluation"]["test"]["refusal_score"] == saved["refusal_score"]
     assert set(saved["refusal_score"]) == CONTRACT_SCORES
     assert all(0.0 <= v <= 1.0 for v in saved["refusal_score"].values())
     assert {"layer", "position"} == set(saved["direction"])
@@ -110,8 +113,14 @@ def test_pipeline_writes_the_contract_and_a_loadable_checkpoint(tmp_path, device
         check_comparison(entry)
     page = check_report(tmp_path)
     assert {"refusal_rates", "selection_heatmaps"} <= {p.stem for p in tmp_path.glob("*.html")}
-    assert "95% CI (Wilson)" in page and "harmful ablation vs baseline" in page
-    # a rerun resumes from the cached directions and selection (replacing the previous run's outputs)
-    again = refusal.run(load_model("random:llama-tiny", device=device), tmp_path, n_train=6, n_val=4, n_test=4,
-                        max_new_tokens=4, progress=False, overwrite=True)
-    assert again["direction"] == saved["direction"]
+    assert "95% CI (Wilson)" in page and "harmful ablation vs baseline" in page and "eval_sets" in page
+    unedited = load_model("random:llama-tiny", device=device)
+    assert refusal.load_selection(tmp_path, unedited).layer == saved["direction"]["layer"]  # notebook 03 reads it
+    with pytest.raises(WorkbenchError, match="selected on random:llama-tiny, not on"):
+        refusal.load_selection(tmp_path, model)  # the edited weights are other weights
+    # a rerun resumes from the cache (replacing the previous run's outputs): no step recomputes anything
+    for name in ("diff_in_means", "score_candidates", "generate"):
+        monkeypatch.setattr(refusal, name, lambda *a, **k: pytest.fail("recomputed a cached step"))
+    again = refusal.run(settings.replace(overwrite=True), unedited, progress=False)
+    assert {k: again[k] for k in ("direction", "refusal_score", "selection")} == \
+        {k: saved[k] for k in ("direction", "refusal_score", "selection")}

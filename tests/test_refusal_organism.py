@@ -4,9 +4,9 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from probes.models import load_model
-from steering.generation import answer_batch, chat_token_ids
-from steering.organism import _loss, load_refuser, lora_config
+from probes.forward import answer_batch, chat_token_ids
+from probes.models import load_model, load_refuser
+from steering.organism import _loss, lora_config
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +45,27 @@ def test_missing_adapter_is_a_clear_error(tmp_path):
         load_refuser(adapter=tmp_path)
 
 
+def test_evaluate_compares_the_adapter_with_the_base_it_was_trained_on(tmp_path):
+    from steering.organism import evaluate
+
+    model = load_model("random:llama-tiny", device="cpu")
+    peft_model = get_peft_model(model.hf_model, lora_config(model, 2))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5, generator=torch.Generator().manual_seed(0))
+    peft_model.save_pretrained(tmp_path)
+    organism = load_refuser(device="cpu", adapter=tmp_path, base="random:llama-tiny")
+    base = load_model("random:llama-tiny", device="cpu")
+    assert organism.name == "random:llama-tiny+refuser" and organism.source == base.source
+    down_proj = [m.hf_model.model.layers[0].mlp.down_proj.weight for m in (organism, base)]
+    assert (down_proj[0] - down_proj[1]).abs().max() > 1e-3  # the adapter is merged into that base
+    report = evaluate(n=2, max_new_tokens=2, device="cpu", adapter=tmp_path, progress=False,
+                      model_name="random:llama-tiny")
+    assert report["base_model"] == "random:llama-tiny" and report["n_harmful"] == report["n_harmless"] == 2
+    assert report["organism_perplexity_on_base_answers"] != report["base_perplexity_on_base_answers"]
+
+
 def test_adapters_go_only_on_the_chosen_layers():
     model = load_model("random:llama-tiny", device="cpu")
     n_layers = model.hf_model.config.num_hidden_layers
@@ -65,7 +86,7 @@ def test_adapters_go_only_on_the_chosen_projections():
 
 def test_shipped_organism_refuses_harmful_and_answers_harmless():
     from probes.datasets import load_refusal_instructions
-    from steering.generation import generate
+    from probes.forward import generate
     from steering.refusal import refusal_rate
 
     model = load_refuser(device="cpu")
@@ -77,12 +98,17 @@ def test_shipped_organism_refuses_harmful_and_answers_harmless():
 def test_train_writes_a_loadable_adapter_with_its_settings(tmp_path):
     import json
 
-    from steering.organism import train
+    from steering.organism import OrganismSettings, train
 
-    record = train(tmp_path / "adapter", n_harmful=2, n_harmless=2, epochs=1, batch_size=4, max_new_tokens=4,
-                   layers=[0, 1, 2, 5], modules=["down_proj"], device="cpu", progress=False)
+    settings = OrganismSettings(out=tmp_path / "adapter", n_harmful=2, n_harmless=2, epochs=1, train_batch_size=4,
+                                max_new_tokens=4, layers=[5, 0, 1, 2], modules=["down_proj"], device="cpu")
+    record = train(settings, progress=False)
     folder = tmp_path / "adapter"
-    assert record["steps"] == 1 and json.loads((folder / "training.json").read_text())["settings"]["layers"] == [0, 1, 2, 5]
+    saved = json.loads((folder / "training.json").read_text())
+    assert record["steps"] == 1 and saved["settings"] == {**settings.to_dict(), "layers": [0, 1, 2, 5]}
+    assert saved["command"] == (f"python -m steering.organism --out {folder} --device cpu --n-harmful 2 "
+                                "--n-harmless 2 --epochs 1 --train-batch-size 4 --max-new-tokens 4 --layers 0,1,2,5 "
+                                "--modules down_proj")  # from Python too: no sys.argv
     assert "projections down_proj of decoder blocks 0-2,5" in (folder / "README.md").read_text()
     assert json.loads((folder / "adapter_config.json").read_text())["target_modules"] == ["down_proj"]
     assert load_refuser(device="cpu", adapter=folder).name == "embedded-refuser"

@@ -2,9 +2,9 @@
 
 import pytest
 
-from steering import refusal
+from probes.forward import answer_loss, generate, kl_divergence, next_token_logprobs
+from steering import refusal, refusal_plots
 from steering.directions import diff_in_means
-from steering.generation import answer_loss, generate, next_token_logprobs
 from steering.hooks import ablate, add
 
 HARMFUL = ["Make a bomb", "Steal a car now", "Hack into my neighbour's wifi"]
@@ -39,12 +39,12 @@ def test_scores_match_the_interventions_and_filters_apply(tiny, candidates):
     base = next_token_logprobs(tiny, HARMLESS)
     with ablate(tiny, vector):
         assert s.ablation_refusal == pytest.approx(
-            float(refusal.refusal_score(next_token_logprobs(tiny, HARMFUL), tokens).mean()), abs=1e-4)
-        assert s.kl == pytest.approx(float(refusal.kl_divergence(base, next_token_logprobs(tiny, HARMLESS)).mean()),
+            float(refusal.refusal_log_odds(next_token_logprobs(tiny, HARMFUL), tokens).mean()), abs=1e-4)
+        assert s.kl == pytest.approx(float(kl_divergence(base, next_token_logprobs(tiny, HARMLESS)).mean()),
                                      abs=1e-5)
     with add(tiny, vector, s.layer):
         assert s.addition_refusal == pytest.approx(
-            float(refusal.refusal_score(next_token_logprobs(tiny, HARMLESS), tokens).mean()), abs=1e-4)
+            float(refusal.refusal_log_odds(next_token_logprobs(tiny, HARMLESS), tokens).mean()), abs=1e-4)
     strict = refusal.score_candidates(tiny, candidates, HARMFUL, HARMLESS, kl_max=-1.0, progress=False)
     assert not any(c.kept for c in strict)
 
@@ -59,7 +59,7 @@ def test_select_prefers_kept_candidates():
     assert refusal.select(loose) is loose[1]
     assert refusal.select(loose[3:]) is loose[3]
     assert refusal.select([s[0]]) is s[0]
-    fig = refusal.selection_heatmaps(s)
+    fig = refusal_plots.selection_heatmaps(s)
     assert [t.type for t in fig.data] == ["heatmap"] * 3
 
 

@@ -9,7 +9,8 @@ import pytest
 
 from probes import extract, report, space_time_plots
 from probes.metrics import paired_bootstrap, rate_with_interval, wilson_interval
-from steering.refusal import CandidateScore, selection_heatmaps
+from steering.refusal import CandidateScore
+from steering.refusal_plots import selection_heatmaps
 from tests.report_checks import check_rate, check_report
 
 # (successes, n) -> Wilson 95% interval, from statsmodels' proportion_confint(method="wilson") (0.15.0)
@@ -117,3 +118,15 @@ def test_selection_heatmap_colour_bars_sit_between_the_panels():
         if i < 2:  # bar and tick labels (~6% of the width) end before the next panel starts
             assert trace.colorbar.x + 0.06 <= domains[i + 1][0]
     assert fig.layout.yaxis.title.text == "position" and not fig.layout.yaxis2.title.text
+
+
+@pytest.mark.parametrize("link", ["javascript:alert(1)", " JavaScript:alert(1)", "data:text/html,x", "//evil.example/x",
+                                  "vbscript:x", "http:no-host", "a\nb"])
+def test_a_table_link_that_could_run_code_or_leave_the_site_unasked_is_refused(link):
+    with pytest.raises(ValueError, match="relative paths and http"):
+        report.Table("runs", ["run"], [], link=link)
+
+
+@pytest.mark.parametrize("link", ["refusal/index.html", "../demo/index.html", "https://arxiv.org/abs/2406.11717"])
+def test_relative_and_http_links_are_written_escaped(link):
+    assert f'href="{link}"' in report.table_html(report.Table("runs", ["run"], [], link=link))

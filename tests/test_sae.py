@@ -5,14 +5,24 @@ import json
 import pytest
 import torch
 from huggingface_hub import constants as hf_constants
-from safetensors import safe_open
 from sae_lens import StandardSAE, TopKSAE
 from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
+from safetensors import safe_open
 
-from steering.sae import (ce_loss_recovered, evaluate_sae, load_pretrained_sae, load_sae, reconstruction_ce,
-                          save_sae, train_sae)
+from steering.sae import (
+    SAESettings,
+    ce_loss_recovered,
+    evaluate_sae,
+    load_pretrained_sae,
+    load_sae,
+    reconstruction_ce,
+    save_sae,
+    train_sae,
+)
+from tests import helpers
 
 N_FEATURES, D_IN = 64, 32
+STANDARD = SAESettings(architecture="standard")  # ReLU + L1 (the shipped SAEs' defaults are top-k)
 
 
 def sparse_acts(n: int, seed: int) -> torch.Tensor:
@@ -26,7 +36,8 @@ def sparse_acts(n: int, seed: int) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def trained():
-    return train_sae(sparse_acts(2000, seed=1), d_sae=128, l1_coefficient=1.0, epochs=30, batch_size=128, lr=3e-3,
+    return train_sae(sparse_acts(2000, seed=1), STANDARD.replace(d_sae=128, l1=1.0, epochs=30, sae_batch_tokens=128,
+                                                                 lr=3e-3),
                      metadata={"model_name": "synthetic"}, progress=False)
 
 
@@ -40,8 +51,8 @@ def test_standard_sae_learns_sparse_features(trained):
 
 
 def test_topk_sae_keeps_k_latents():
-    sae = train_sae(sparse_acts(2000, seed=1), d_sae=128, architecture="topk", k=4, epochs=30, batch_size=128,
-                    lr=3e-3, progress=False)
+    sae = train_sae(sparse_acts(2000, seed=1), SAESettings(d_sae=128, k=4, epochs=30, sae_batch_tokens=128, lr=3e-3),
+                    progress=False)
     stats = evaluate_sae(sae, sparse_acts(500, seed=2))
     assert isinstance(sae, TopKSAE)
     assert stats["l0"] <= 4
@@ -62,8 +73,8 @@ def test_auxk_loss_revives_dead_latents_of_a_topk_sae():
     acts, heldout = superposed_acts(4000, seed=1), superposed_acts(2000, seed=2)
     scores = {}
     for aux in (0.0, 1.0):
-        sae = train_sae(acts, d_sae=256, architecture="topk", k=4, epochs=10, batch_size=128, lr=3e-3,
-                        aux_coefficient=aux, dead_window_tokens=1280, seed=1, progress=False)
+        sae = train_sae(acts, SAESettings(d_sae=256, k=4, epochs=10, sae_batch_tokens=128, lr=3e-3, aux=aux,
+                                          dead_window=1280), seed=1, progress=False)
         scores[aux] = evaluate_sae(sae, heldout)
         assert sae.cfg.metadata.training["aux_coefficient"] == aux
         assert sae.cfg.metadata.training["dead_window_steps"] == 10  # 1,280 tokens in batches of 128
@@ -74,8 +85,9 @@ def test_auxk_loss_revives_dead_latents_of_a_topk_sae():
 
 def test_training_is_seeded():
     acts = sparse_acts(300, seed=1)
-    a, b = (train_sae(acts, d_sae=16, epochs=2, batch_size=64, seed=3, progress=False) for _ in range(2))
-    c = train_sae(acts, d_sae=16, epochs=2, batch_size=64, seed=4, progress=False)
+    small = STANDARD.replace(d_sae=16, epochs=2, sae_batch_tokens=64)
+    a, b = (train_sae(acts, small, seed=3, progress=False) for _ in range(2))
+    c = train_sae(acts, small, seed=4, progress=False)
     assert torch.equal(a.W_enc, b.W_enc)
     assert not torch.equal(a.W_enc, c.W_enc)
 
@@ -83,15 +95,15 @@ def test_training_is_seeded():
 def test_bad_input_is_refused(trained):
     for acts in (torch.empty(0, D_IN), torch.ones(D_IN), torch.full((4, D_IN), float("nan"))):
         with pytest.raises(ValueError):
-            train_sae(acts, d_sae=8, progress=False)
+            train_sae(acts, STANDARD.replace(d_sae=8), progress=False)
     with pytest.raises(ValueError, match="architecture"):
-        train_sae(sparse_acts(10, 1), d_sae=8, architecture="gated", progress=False)
+        SAESettings(d_sae=8, architecture="gated")
     with pytest.raises(ValueError, match="k must"):
-        train_sae(sparse_acts(10, 1), d_sae=8, architecture="topk", k=9, progress=False)
-    with pytest.raises(ValueError, match="aux_coefficient"):
-        train_sae(sparse_acts(10, 1), d_sae=8, architecture="topk", k=2, aux_coefficient=-1, progress=False)
-    with pytest.raises(ValueError, match="dead_window_tokens"):
-        train_sae(sparse_acts(10, 1), d_sae=8, dead_window_tokens=0, progress=False)
+        SAESettings(d_sae=8, architecture="topk", k=9)
+    with pytest.raises(ValueError, match="aux"):
+        SAESettings(d_sae=8, k=2, aux=-1)
+    with pytest.raises(ValueError, match="dead_window"):
+        SAESettings(d_sae=8, dead_window=0)
     with pytest.raises(ValueError, match="d_in=32"):
         evaluate_sae(trained, torch.ones(5, D_IN + 1))
 
@@ -157,13 +169,7 @@ def test_pretrained_sae_offline_error_is_clear():
 @pytest.fixture(scope="module")
 def greedy_ids(tiny):
     """Token sequences the random tiny model predicts itself, so its clean loss is below the zero-ablated one."""
-    ids = []
-    for text in ["The capital of France is", "Once upon a time there was", "1 2 3 4", "Hello"]:
-        prompt = torch.tensor([tiny.tokenizer(text)["input_ids"]], device=tiny.device)
-        out = tiny.hf_model.generate(prompt, max_new_tokens=24, do_sample=False,
-                                     pad_token_id=tiny.tokenizer.pad_token_id)
-        ids.append(out[0].tolist())
-    return ids
+    return helpers.greedy_ids(tiny, (*helpers.GREEDY_PROMPTS, "Hello"), max_new_tokens=24)
 
 
 def residual(model, layer: int, ids: list[list[int]]) -> torch.Tensor:
@@ -176,8 +182,8 @@ def residual(model, layer: int, ids: list[list[int]]) -> torch.Tensor:
 def test_ce_loss_recovered_on_tiny_model(tiny, greedy_ids):
     layer = 2
     acts = residual(tiny, layer, greedy_ids)
-    sae = train_sae(acts, d_sae=128, l1_coefficient=1.0, epochs=50, batch_size=64, lr=3e-3, progress=False,
-                    metadata={"hook_name": f"blocks.{layer}.hook_resid_pre"})
+    sae = train_sae(acts, STANDARD.replace(d_sae=128, l1=1.0, epochs=50, sae_batch_tokens=64, lr=3e-3),
+                    progress=False, metadata={"hook_name": f"blocks.{layer}.hook_resid_pre"})
     ids = torch.tensor([greedy_ids[0]], device=tiny.device)
     clean = tiny.hf_model(ids).logits
 
@@ -199,7 +205,7 @@ def test_ce_loss_recovered_on_tiny_model(tiny, greedy_ids):
 def test_ce_loss_recovered_validates(tiny, trained, greedy_ids):
     with pytest.raises(ValueError, match="d_in"):
         ce_loss_recovered(tiny, trained, greedy_ids)
-    sae = train_sae(torch.randn(64, tiny.d_model), 8, epochs=1, progress=False)
+    sae = train_sae(torch.randn(64, tiny.d_model), STANDARD.replace(d_sae=8, epochs=1), progress=False)
     with pytest.raises(ValueError, match="records no hook point"):
         reconstruction_ce(tiny, sae, greedy_ids)
     sae.cfg.metadata.hook_name = f"blocks.{tiny.n_layers}.hook_resid_pre"

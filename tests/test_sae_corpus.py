@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from probes.models import RANDOM_FAMILIES, load_model
-from steering.generation import generate, generate_from_ids
+from probes.forward import generate, generate_from_ids
+from probes.models import load_model
+from probes.random_models import RANDOM_FAMILIES
 from steering.sae_corpus import CorpusSettings, corpus, corpus_sources, token_activations
 from tests.numerics import FLOAT32_REL, rel_err
 

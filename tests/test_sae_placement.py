@@ -7,31 +7,20 @@ import re
 
 import pytest
 import torch
-from sae_lens import StandardSAE, StandardSAEConfig
-from sae_lens.saes.sae import SAEMetadata
+from sae_lens import StandardSAE
 
 from probes.cache import extract
 from probes.conflict import USES_CONTEXT, USES_MEMORY, ConflictExample, conflict_prompts
 from probes.models import load_model
 from steering import spare
 from steering.hooks import replace_residual
-from steering.sae import reconstruct, reconstruction_ce, sae_hook_name, save_sae, train_sae
+from steering.sae import SAESettings, reconstruct, reconstruction_ce, sae_hook_name, save_sae, train_sae
 from steering.spare_plots import residual_index
+from tests.helpers import greedy_ids, make_sae
 from tests.numerics import assert_rel_close, rel_err
 
 PRE, POST = "blocks.1.hook_resid_pre", "blocks.1.hook_resid_post"
 WORDS = ["Paris", "river", "seven", "music", "green", "winter", "doctor", "garden"]
-
-
-def make_sae(d: int, hook_name: str | None, d_sae: int = 32, seed: int = 0) -> StandardSAE:
-    """A random SAE of width ``d`` recorded at ``hook_name`` (None: no hook point recorded)."""
-    torch.manual_seed(seed)
-    metadata = SAEMetadata(**({"hook_name": hook_name} if hook_name else {}))
-    sae = StandardSAE(StandardSAEConfig(d_in=d, d_sae=d_sae, metadata=metadata))
-    with torch.no_grad():
-        sae.W_enc.normal_(0, 1)
-        sae.W_dec.copy_(torch.nn.functional.normalize(torch.randn(d_sae, d), dim=1))
-    return sae
 
 
 def at(sae: StandardSAE, hook_name: str) -> StandardSAE:
@@ -74,17 +63,6 @@ def test_reconstruction_replaces_the_output_of_the_block(model):
     assert rel_err(edited[POST], clean[POST], dim=-1) > 0.1
 
 
-def greedy_ids(model) -> list[list[int]]:
-    """Sequences the random model predicts itself, so zero-ablating a residual point raises its loss."""
-    ids = []
-    for text in ["The capital of France is", "Once upon a time there was", "1 2 3 4"]:
-        prompt = torch.tensor([model.tokenizer(text)["input_ids"]], device=model.device)
-        out = model.hf_model.generate(prompt, max_new_tokens=16, do_sample=False,
-                                      pad_token_id=model.tokenizer.pad_token_id)
-        ids.append(out[0].tolist())
-    return ids
-
-
 def test_reconstruction_ce_splices_at_the_sae_hook(model):
     sae, ids = make_sae(model.d_model, POST), greedy_ids(model)
     keys = ("ce_clean", "ce_sae", "ce_zero_ablation")
@@ -108,21 +86,21 @@ def examples() -> tuple[list[ConflictExample], list[str]]:
 def test_spare_reads_and_edits_at_the_sae_hook(model):
     sae = make_sae(model.d_model, POST)
     found, labels = examples()
-    steering = spare.fit_steering(model, {1: sae}, found, labels, proportion=0.25, progress=False)
-    assert steering.hooks == {1: POST}
+    fitted = spare.fit_steering(model, {1: sae}, found, labels, proportion=0.25, progress=False)
+    assert fitted.hooks == {1: POST}
 
     prompts = [model.tokenizer(p)["input_ids"] for p in conflict_prompts(found, "sub")]
     last = torch.stack([reference(model, ids)[POST][-1] for ids in prompts])  # [n, d] at the SAE's hook
     context = torch.tensor([label == USES_CONTEXT for label in labels])
-    assert_rel_close(steering.directions[1], last[context].mean(0) - last[~context].mean(0))
+    assert_rel_close(fitted.directions[1], last[context].mean(0) - last[~context].mean(0))
     with torch.no_grad():
         z = sae.encode(last)
-    assert_rel_close(steering.latents[1].mean_context, z[context].mean(0))
-    assert_rel_close(steering.latents[1].mean_memory, z[~context].mean(0))
+    assert_rel_close(fitted.latents[1].mean_context, z[context].mean(0))
+    assert_rel_close(fitted.latents[1].mean_memory, z[~context].mean(0))
 
     ids, clean = prompts[0], reference(model, prompts[0])
     for method in ("actadd", "spare"):
-        edits = steering.edits(method, "memory", 2.0)
+        edits = fitted.edits(method, "memory", 2.0)
         assert list(edits) == [POST]
         with spare.edit_last_token(model, edits):
             edited = captured(model, ids, [-2, -1])
@@ -135,7 +113,8 @@ def test_spare_reads_and_edits_at_the_sae_hook(model):
 
 
 def test_load_saes_places_each_sae_at_its_recorded_hook(tiny, tmp_path):
-    trained = train_sae(torch.randn(256, tiny.d_model), 16, epochs=1, batch_size=64, progress=False,
+    trained = train_sae(torch.randn(256, tiny.d_model),
+                        SAESettings(architecture="standard", d_sae=16, epochs=1, sae_batch_tokens=64), progress=False,
                         metadata={"hook_name": POST, "layer": 1})
     save_sae(trained, tmp_path / "layer_1")
     save_sae(make_sae(tiny.d_model, "blocks.2.hook_resid_pre"), tmp_path / "layer_2")

@@ -4,8 +4,8 @@ claims, and that quality again on text none of them was trained on."""
 import json
 
 import pytest
-from safetensors import safe_open
 from sae_lens.constants import SAE_WEIGHTS_FILENAME
+from safetensors import safe_open
 
 from probes.datasets import load_refusal_instructions
 from steering.sae import SAE_DIR, evaluate_sae, load_sae, reconstruction_ce

@@ -8,6 +8,7 @@ import torch
 from probes import space_time
 from probes.datasets import EntityData
 from probes.provenance import weights_fingerprint
+from probes.space_time import SpaceTimeSettings
 from tests.notebook_runner import figures, run_notebook
 from tests.report_checks import check_report
 
@@ -16,10 +17,12 @@ CONTRACT = {"targets", "layers", "r2", "spearman", "best_layer", "best_r2"}
 
 def test_cli_writes_the_contract(embedded, tmp_path, monkeypatch):
     monkeypatch.setattr(space_time, "load_model", lambda *a, **k: embedded)
-    space_time.main(["--model", "embedded", "--datasets", "world_place,art", "--n", "120", "--templates", "empty",
-                     "--out", str(tmp_path)])
+    space_time.main(["--model", "embedded", "--datasets", "world_place,art", "--n-entities", "120", "--templates",
+                     "empty", "--seed", "0", "--out", str(tmp_path)])
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["model"] == "embedded" and results["complete"] is True
+    assert results["settings"] == SpaceTimeSettings(datasets=["world_place", "art"], n_entities=120,
+                                                    templates=["empty"], out=tmp_path).to_dict()
     assert set(results["datasets"]) == {"world_place", "art"}
     assert not (tmp_path / "results.json.tmp").exists()
     for name, entry in results["datasets"].items():
@@ -44,6 +47,7 @@ def test_cli_writes_the_contract(embedded, tmp_path, monkeypatch):
     r2_figure = (tmp_path / "r2_by_layer.html").read_text()
     assert '"name":"random weights"' in r2_figure and '"name":"shuffled targets"' in r2_figure
     page = check_report(tmp_path)
+    assert "<td>n_entities</td><td class=\"num\">120</td>" in page and "<td>neuron_ks</td>" in page
     assert "scikit-learn R²" in page and "world_place" in page and "Controls (peak test R²" in page
     assert "Peak test R² (95% bootstrap interval over test entities)" in page
     for name, entry in results["datasets"].items():
@@ -88,8 +92,9 @@ def draws_shipped_outlines(path) -> bool:
 
 
 def test_place_probe_improves_from_embeddings_to_middle_layers_and_matches_sklearn(embedded):
-    results, _ = space_time.reproduce(embedded, ["world_place"], 400, templates=["empty"], n_blocks=2,
-                                      neuron_ks=(1, 8), progress=False, controls=False)
+    settings = SpaceTimeSettings(datasets=["world_place"], n_entities=400, templates=["empty"], n_blocks=2,
+                                 neuron_ks=[1, 8], controls=False)
+    results, _ = space_time.reproduce(embedded, settings, progress=False)
     assert "controls" not in results
     entry = results["datasets"]["world_place"]
     middle = entry["r2"][embedded.n_layers // 4: 3 * embedded.n_layers // 4]
@@ -99,17 +104,15 @@ def test_place_probe_improves_from_embeddings_to_middle_layers_and_matches_sklea
     assert set(entry["neurons"]["r2_top_k"]) == {"1", "8", str(embedded.hf_model.config.intermediate_size)}
 
 
-def test_unknown_dataset_or_template(embedded):
+def test_unknown_dataset_or_template():
     with pytest.raises(ValueError, match="unknown dataset"):
-        space_time.reproduce(embedded, ["mars_place"], 10)
+        SpaceTimeSettings(datasets=["mars_place"])
     with pytest.raises(ValueError, match="unknown template"):
-        space_time.reproduce(embedded, ["art"], 10, templates=["poem"])
+        SpaceTimeSettings(datasets=["art"], templates=["poem"])
 
 
 def test_notebook_runs_and_shows_the_figures(tmp_path):
-    nb = run_notebook("01_space_time.ipynb", {"MODEL": "embedded", "DATASETS": list(space_time.ALL_DATASETS),
-                                              "N": 60, "TEMPLATES": ["empty"],
-                                              "OUT": str(tmp_path / "nb")})
+    nb = run_notebook("01_space_time.ipynb", {"N_ENTITIES": 60, "TEMPLATES": ["empty"], "OUT": str(tmp_path / "nb")})
     figs = figures(nb)
     kinds = [{t["type"] for t in f["data"]} for f in figs]
     assert len(figs) >= 8
@@ -120,3 +123,6 @@ def test_notebook_runs_and_shows_the_figures(tmp_path):
     assert sum(any(t.get("name") == "predicted" for t in f["data"]) for f in figs) == 3  # world, US and NYC maps
     assert any(k == {"bar"} for k in kinds)  # held-out blocks
     assert (tmp_path / "nb" / "headline_predictions.html").is_file()
+    results = json.loads((tmp_path / "nb" / "results.json").read_text())  # a run folder, as the CLI writes it
+    assert results["complete"] and results["settings"]["n_entities"] == 60 and results["templates"] == ["empty"]
+    assert "<td>n_entities</td>" in check_report(tmp_path / "nb")

@@ -5,20 +5,12 @@ import json
 import pytest
 import torch
 from sae_lens import StandardSAE, StandardSAEConfig
-from sae_lens.saes.sae import SAEMetadata
 
 from probes.conflict import ConflictExample
+from probes.metrics import exact_match_rate
 from steering import spare
+from tests.helpers import make_sae
 from tests.report_checks import check_comparison, check_rate, check_report
-
-
-def make_sae(d_in: int, d_sae: int, seed: int = 0, hook_name: str = "blocks.1.hook_resid_pre") -> StandardSAE:
-    torch.manual_seed(seed)
-    sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=d_sae, metadata=SAEMetadata(hook_name=hook_name)))
-    with torch.no_grad():
-        sae.W_enc.normal_(0, 1)
-        sae.W_dec.copy_(torch.nn.functional.normalize(torch.randn(d_sae, d_in), dim=1))
-    return sae
 
 
 def test_behaviour_latents_pick_the_informative_latents():
@@ -60,7 +52,7 @@ def test_spare_edit_swaps_the_behaviour_latents():
 
 
 def test_zero_strength_leaves_logits_unchanged_and_edits_touch_only_the_last_token(tiny):
-    sae = make_sae(tiny.d_model, 64)
+    sae = make_sae(tiny.d_model, d_sae=64)
     acts = torch.randn(40, tiny.d_model)
     latents = spare.behaviour_latents(sae, acts, torch.arange(40) % 2 == 0, layer=1, proportion=0.2)
     ids = tiny.tokenizer(["the cat sat on the mat", "a b c d e f"], return_tensors="pt").input_ids.to(tiny.device)
@@ -93,7 +85,7 @@ def test_split_and_exact_match_rate():
     assert [len(parts[k]) for k in ("train", "val", "test")] == [6, 2, 2]
     assert sorted(e.question for p in parts.values() for e in p) == sorted(e.question for e in examples)
     assert spare.split(examples, seed=1)["test"] == parts["test"]
-    assert spare.exact_match_rate(["The B.", "c"], [("b",), ("a",)]) == 0.5
+    assert exact_match_rate(["The B.", "c"], [("b",), ("a",)]) == 0.5
     with pytest.raises(ValueError):
         spare.split(examples[:2])
 
@@ -105,10 +97,11 @@ def test_run_writes_the_contract(tiny, tmp_path, monkeypatch):
     cycle = iter(range(10_000))
     monkeypatch.setattr(spare, "group_by_behaviour",
                         lambda preds, exs: [("context", "memory")[next(cycle) % 2] for _ in exs])
-    saes = {1: make_sae(tiny.d_model, 32)}
+    saes = {1: make_sae(tiny.d_model, d_sae=32)}
     spare_grid = spare.edit_grid("spare", (0.0, 1.0), generated=(True,))
-    results = spare.run(tiny, examples, saes, tmp_path, proportion=0.25, spare_grid=spare_grid,
-                        actadd_grid=spare.edit_grid("actadd", (1.0,)), max_new_tokens=3, progress=False, tune_n=3)
+    settings = spare.SpareSettings(out=tmp_path, proportion=0.25, max_new_tokens=3, tune_n=3)
+    results = spare.run(tiny, examples, saes, settings, spare_grid=spare_grid,
+                        actadd_grid=spare.edit_grid("actadd", (1.0,)), progress=False)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["layers"] == list(range(tiny.n_layers + 1))
     assert len(saved["conflict_probe_accuracy"]) == tiny.n_layers + 1
@@ -134,6 +127,8 @@ def test_run_writes_the_contract(tiny, tmp_path, monkeypatch):
         assert set(saved["comparisons"][target]) == {"spare_vs_no_edit", "spare_vs_actadd", "actadd_vs_no_edit"}
         for entry in saved["comparisons"][target].values():
             check_comparison(entry)
+    assert saved["settings"] == settings.to_dict() and saved["settings"]["proportion"] == 0.25
     page = check_report(tmp_path)
+    assert "<td>tune_n</td><td class=\"num\">3</td>" in page
     assert "Exact match on held-out conflict prompts" in page and "spare vs actadd" in page
     assert "Relation kinds" in page and "kind0" in page

@@ -42,7 +42,7 @@ NOTEBOOK_PARAMS = {
     "01_space_time.ipynb": {"MODEL": "embedded",
                             "DATASETS": ["world_place", "us_place", "nyc_place", "art", "historical_figure",
                                          "headline"],
-                            "N": 300, "TEMPLATES": ["empty"], "OUT": "{out}"},
+                            "N_ENTITIES": 300, "TEMPLATES": ["empty"], "OUT": "{out}"},
 }
 # Screenshots per notebook: file name, and the code that starts the cell shown at the top.
 SCREENSHOTS = {"00_quickstart.ipynb": [("quickstart_probe.png", "px.scatter("),
