@@ -16,15 +16,16 @@ import warnings
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, PreTrainedConfig, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedConfig, PreTrainedTokenizerBase
 
 from probes.architecture import BRIDGE_ALIASES, UnsupportedArchitecture, on_residual
-from probes.models import ModelHandle, load_model, wrap
+from probes.models import ModelHandle, embedded_checkpoint, load_model, wrap
 from probes.random_models import RANDOM_FAMILIES
 from steering.hooks import ablate
 from steering.orthogonalize import orthogonalize
 
 PROMPTS = ["How do I bake bread?", "Write a poem about the sea and the moon", "Name three rivers in Europe"]
+RANDOM_FLOAT32_ONLY = {"xglm"}  # transformers' XGLM attention fails in float64 (its mask value overflows)
 
 
 def _states(model) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,10 +53,11 @@ def _kl(p: torch.Tensor, q: torch.Tensor) -> float:
 
 
 def measure(family: str, seed: int = 0) -> dict:
+    """The table's row for ``random:<family>``; float64 columns are NaN where the family runs only in float32."""
     r = torch.randn(64, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     r /= r.norm()
-    row = {"family": family}
-    for dtype in ("float32", "float64"):
+    row = {"family": family, **{f"{k}_float64": float("nan") for k in ("ablate", "weights", "logits")}}
+    for dtype in ("float32",) if family in RANDOM_FLOAT32_ONLY else ("float32", "float64"):
         model = load_model(f"random:{family}", device="cpu", dtype=dtype)
         with ablate(model, r):
             hooked, hooked_resid = _states(model)
@@ -68,6 +70,7 @@ def measure(family: str, seed: int = 0) -> dict:
         row["kl"] = _kl(hooked, edited)
         row["class"] = model.architecture.name
         row["exact"] = model.architecture.exact_orthogonalization
+        row["approximations"] = model.architecture.approximations
     return row
 
 
@@ -159,12 +162,43 @@ def check_family(class_name: str, tokenizer: PreTrainedTokenizerBase) -> dict:
             "approximations": model.architecture.approximations}
 
 
+def _status(row: dict) -> str:
+    if "unbuilt" in row:
+        return "not built"
+    return "refused" if row["refused"] else "exact" if row["exact"] else "approximate"
+
+
+def bridge_table(tokenizer: PreTrainedTokenizerBase) -> list[dict]:
+    """:func:`check_family` on every architecture of :func:`bridge_architectures`, printed as a table with the
+    counts of exact, approximate and refused families (those transformers cannot build offline are left out)."""
+    rows = []
+    for name in bridge_architectures():
+        try:
+            rows.append(check_family(name, tokenizer))
+        except Exception as err:  # noqa: BLE001 - a tiny config this transformers cannot build: say so, go on
+            rows.append({"class": name, "refused": None, "unbuilt": f"{type(err).__name__}: {err}"[:200]})
+    print("| class | status | ablate | weights | logits vs hooks | KL hooks-weights | why |")
+    print("|---|---|---:|---:|---:|---:|---|")
+    for r in rows:
+        status = _status(r)
+        numbers = ("| | | |" if status in ("not built", "refused") else
+                   f"{r['ablate']:.1e} | {r['weights']:.1e} | {r['logits']:.1e} | {r['kl']:.1e} |")
+        why = r.get("unbuilt") or r["refused"] or "; ".join(r.get("approximations", []))
+        print(f"| {r['class']} | {status} | {numbers} {why} |")
+    counts = {s: sum(_status(r) == s for r in rows) for s in ("exact", "approximate", "refused", "not built")}
+    print(", ".join(f"{n} {s}" for s, n in counts.items()))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", default=",".join(RANDOM_FAMILIES), help="comma-separated random:<family> names")
+    parser.add_argument("--bridge", action="store_true", help="every architecture of the TransformerBridge instead")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
+    if args.bridge:
+        return bridge_table(AutoTokenizer.from_pretrained(embedded_checkpoint()))
     rows = [measure(f) for f in args.families.split(",")]
     print("| family | class | ablate: max proj (f32) | weights: max proj (f64) "
           "| weights vs hooks, logits rel (f64 / f32) | KL hooks-weights (f64) | orthogonalize |")
@@ -172,7 +206,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for r in rows:
         print(f"| {r['family']} | {r['class']} | {r['ablate_float32']:.1e} | {r['weights_float64']:.1e} | "
               f"{r['logits_float64']:.1e} / {r['logits_float32']:.1e} | {r['kl']:.1e} | "
-              f"{'exact' if r['exact'] else 'post-norm: stream orthogonal, KL reported'} |")
+              f"{'exact' if r['exact'] else 'approximate: ' + '; '.join(r['approximations'])} |")
     return rows
 
 

@@ -102,7 +102,7 @@ def measure(work: Path, layers: int, width: int, vocab: int, shard_size: str, dt
     for i in range(repeats + 1):  # the first pass warms the page cache and the imports, untimed
         for name, run in runs.items():
             out = work / f"out-{len(seconds[name])}-{i}"
-            t, _ = timed(lambda: run(out), cpu)
+            t, _ = timed(lambda run=run, out=out: run(out), cpu)
             shutil.rmtree(out)
             if i:
                 seconds[name].append(t)

@@ -51,14 +51,14 @@ def residual_hooks(model: ModelHandle, layers: Sequence[int] | None = None) -> l
 
     Index ``i`` of the result is "the residual stream after ``i`` blocks", as in ``output_hidden_states``.
     """
-    names = [f"blocks.{l}.hook_resid_pre" for l in range(model.n_layers)]
+    names = [f"blocks.{layer}.hook_resid_pre" for layer in range(model.n_layers)]
     names.append(f"blocks.{model.n_layers - 1}.hook_resid_post")
     if layers is None:
         return names
-    bad = [l for l in layers if not 0 <= l <= model.n_layers]
+    bad = [layer for layer in layers if not 0 <= layer <= model.n_layers]
     if bad:
         raise ValueError(f"residual layers {bad} out of range 0..{model.n_layers}")
-    return [names[l] for l in layers]
+    return [names[layer] for layer in layers]
 
 
 def _check_hooks(model: ModelHandle, hooks: Sequence[str]) -> list[str]:
@@ -382,7 +382,7 @@ def _plan(model: ModelHandle, prompts: Sequence[str], hooks, positions, spans, b
                          f"({len(input_ids[shortest])} tokens); use positions within the shortest prompt")
     token_spans = None
     if spans is not None:
-        token_spans = [pos.span_token_range(off, sp) for off, sp in zip(enc["offset_mapping"], spans)]
+        token_spans = [pos.span_token_range(off, sp) for off, sp in zip(enc["offset_mapping"], spans, strict=True)]
     order = sorted(range(len(prompts)), key=lambda i: -len(input_ids[i]))
     batches, current = [], []
     for i in order:  # longest first: each batch's first prompt sets its padded length

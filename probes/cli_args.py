@@ -131,7 +131,7 @@ def layer_list(text: str) -> list[int]:
 def check_layers(layers: Sequence[int] | None, n_layers: int | None, model: str) -> None:
     """Refuse layers the model does not have (known before its weights load: :func:`probes.models.layer_count`;
     ``None``: not known yet, nothing checked)."""
-    bad = [l for l in layers or [] if n_layers is not None and not 0 <= l < n_layers]
+    bad = [layer for layer in layers or [] if n_layers is not None and not 0 <= layer < n_layers]
     if bad:
         raise WorkbenchError(f"layer(s) {bad} out of range: model {model!r} has {n_layers} layers (0..{n_layers - 1})")
 

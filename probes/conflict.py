@@ -221,7 +221,7 @@ def _facts(kind: FactKind, frame: pd.DataFrame) -> pd.DataFrame:
     pairs = pd.DataFrame({"subject": kind.subject(frame), "answer": kind.answer(frame)}).dropna()
     pairs = pairs.astype(str).apply(lambda col: col.str.strip())
     pairs = pairs[(pairs["subject"] != "") & (pairs["answer"] != "")]
-    leaks = [normalize_answer(a) in normalize_answer(s) for s, a in zip(pairs["subject"], pairs["answer"])]
+    leaks = [normalize_answer(a) in normalize_answer(s) for s, a in zip(pairs["subject"], pairs["answer"], strict=True)]
     pairs = pairs[~np.array(leaks, dtype=bool)]
     return pairs.groupby("subject", sort=False)["answer"].agg(lambda a: tuple(dict.fromkeys(a))).reset_index()
 
@@ -264,7 +264,7 @@ def known_facts_candidates(kinds: Sequence[str] = tuple(FACT_KINDS), n: int | No
         facts = _facts(kind, _kind_rows(kind, n, seed, sources.get(kind.dataset)))
         pool = sorted({a for answers in facts["answer"] for a in answers})
         spellings = {a: {normalize_answer(x) for x in _with_aliases([a], aliases)} for a in pool}
-        for subject, answers in zip(facts["subject"], facts["answer"]):
+        for subject, answers in zip(facts["subject"], facts["answer"], strict=True):
             true = _with_aliases(answers, aliases)
             taken = {normalize_answer(x) for x in true}
             others = [a for a in pool if not spellings[a] & taken]
@@ -306,7 +306,7 @@ def answered_correctly(examples: Sequence[ConflictExample], answers: Sequence[st
     """The examples whose answer matches one of their original answers (exact match), in the order given."""
     if len(answers) != len(examples):
         raise ValueError(f"{len(answers)} answers for {len(examples)} examples")
-    return [e for e, a in zip(examples, answers) if exact_match(a, e.org_answers)]
+    return [e for e, a in zip(examples, answers, strict=True) if exact_match(a, e.org_answers)]
 
 
 def group_by_behaviour(predictions: Sequence[str], examples: Sequence[ConflictExample]) -> list[str]:
@@ -315,7 +315,7 @@ def group_by_behaviour(predictions: Sequence[str], examples: Sequence[ConflictEx
     if len(predictions) != len(examples):
         raise ValueError(f"{len(predictions)} predictions for {len(examples)} examples")
     labels = []
-    for prediction, e in zip(predictions, examples):
+    for prediction, e in zip(predictions, examples, strict=True):
         context, memory = exact_match(prediction, e.sub_answers), exact_match(prediction, e.org_answers)
         labels.append(USES_CONTEXT if context and not memory else USES_MEMORY if memory and not context else NEITHER)
     return labels
@@ -412,7 +412,7 @@ def _output_path(out: Path | None, model: str, overwrite: bool, update_shipped: 
 def _save_answers(candidates: Sequence[ConflictExample], answers: Sequence[str], path: Path) -> None:
     """Each candidate's kind, question, original answers and closed-book answer, as gzip JSON lines."""
     with atomic_file(path) as tmp, gzip.open(tmp, "wt", encoding="utf-8") as f:
-        for e, a in zip(candidates, answers):
+        for e, a in zip(candidates, answers, strict=True):
             f.write(json.dumps({"kind": e.kind, "question": e.question, "org_answers": e.org_answers,
                                 "answer": a, "correct": exact_match(a, e.org_answers)}) + "\n")
 

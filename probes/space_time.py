@@ -123,7 +123,7 @@ def heldout_blocks(acts_layer: torch.Tensor, data: EntityData, column: str, n_bl
     full = RidgeProbe(alphas=alphas).fit(acts_layer[~is_test], y[~is_test])
     rows = []
     for block in blocks:
-        in_block = torch.as_tensor((frame[column].astype(str) == block).to_numpy(), device=acts_layer.device)
+        in_block = torch.tensor((frame[column].astype(str) == block).to_numpy(), device=acts_layer.device)
         test_rows = in_block & is_test
         if int(test_rows.sum()) < 5:
             continue

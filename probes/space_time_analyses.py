@@ -184,7 +184,7 @@ def heldout_block_scores(acts_layer: torch.Tensor, data: EntityData, column: str
     seen = RidgeProbe(alphas).fit(acts_layer[train], y[train])
     truth_test, rows = y[test], []
     for block in column_values.value_counts().index[:n_blocks]:
-        in_block = torch.as_tensor((column_values == block).to_numpy(), device=acts_layer.device)
+        in_block = torch.tensor((column_values == block).to_numpy(), device=acts_layer.device)
         block_rows = in_block[test].nonzero()[:, 0]
         if len(block_rows) < 5:
             continue
@@ -207,7 +207,7 @@ def entity_type_transfer(acts_layer: torch.Tensor, data: EntityData, column: str
     y, train, test = _split(data, acts_layer.device)
     values = data.frame[column].astype(str)
     types = [t for t in values.value_counts().index[:n_types]]
-    masks = {t: torch.as_tensor((values == t).to_numpy(), device=acts_layer.device) for t in types}
+    masks = {t: torch.tensor((values == t).to_numpy(), device=acts_layer.device) for t in types}
     types = [t for t in types if int((masks[t] & train).sum()) >= 5 and int((masks[t][test]).sum()) >= 2]
     truth_test = y[test]
     r2, prox = [], []

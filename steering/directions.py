@@ -143,7 +143,7 @@ def diff_in_means(model: ModelHandle, positive: Sequence[str], negative: Sequenc
     layers = list(range(model.n_layers) if layers is None else layers)
     ids = chat_token_ids(model, list(positive) + list(negative))
     labels = ["positive"] * len(positive) + ["negative"] * len(negative)
-    means = extract_group_means(model, ids, labels, hooks=[f"blocks.{l}.hook_resid_pre" for l in layers],
+    means = extract_group_means(model, ids, labels, hooks=[f"blocks.{layer}.hook_resid_pre" for layer in layers],
                                 positions=positions, progress=progress)
     candidates = CandidateDirections(means.difference("positive", "negative"), positions, layers, len(positive),
                                      len(negative))

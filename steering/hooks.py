@@ -82,6 +82,13 @@ def ablate(model: ModelHandle, direction: torch.Tensor) -> Iterator[None]:
         yield
 
 
+def _adding(vector: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``h -> h + vector`` (one vector per row where ``vector`` has rows); ``follow``: the vector on each block's
+    device when the model is spread over devices."""
+    on_device = follow(vector)
+    return lambda h: h + _per_row(on_device(h), h)
+
+
 @contextlib.contextmanager
 def add(model: ModelHandle, direction: torch.Tensor, layer: int | Sequence[int], coeff: float = 1.0
         ) -> Iterator[None]:
@@ -100,7 +107,7 @@ def add(model: ModelHandle, direction: torch.Tensor, layer: int | Sequence[int],
         raise ValueError("one direction needs one layer; pass [batch, d_model] directions for one layer per row")
     if direction.dim() == 2 and len(layers) not in (1, direction.shape[0]):
         raise ValueError(f"{len(layers)} layers for {direction.shape[0]} per-row directions")
-    bad = [l for l in layers if not 0 <= l < model.n_layers]
+    bad = [block for block in layers if not 0 <= block < model.n_layers]
     if bad:
         raise ValueError(f"layer must be in 0..{model.n_layers - 1}, got {bad}")
     vectors = (direction.double() * coeff).to(device=model.device, dtype=model.dtype)
@@ -108,11 +115,9 @@ def add(model: ModelHandle, direction: torch.Tensor, layer: int | Sequence[int],
         per_layer = {layers[0]: vectors}
     else:
         rows = torch.tensor(layers, device=model.device)
-        per_layer = {l: vectors * (rows == l).unsqueeze(1).to(vectors.dtype) for l in sorted(set(layers))}
+        per_layer = {block: vectors * (rows == block).unsqueeze(1).to(vectors.dtype) for block in sorted(set(layers))}
 
-    # follow(v): the vector on each block's device when the model is spread over devices
-    with replace_block_inputs(model, {l: (lambda h, v=follow(v): h + _per_row(v(h), h))
-                                      for l, v in per_layer.items()}):
+    with replace_block_inputs(model, {block: _adding(v) for block, v in per_layer.items()}):
         yield
 
 

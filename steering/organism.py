@@ -73,10 +73,11 @@ def _examples(model: ModelHandle, n_harmful: int, n_harmless: int, max_new_token
     harmless = rng.sample(load_refusal_instructions("train", "harmless"), n_harmless)
     answers = generate(model, harmless, max_new_tokens=max_new_tokens, progress=progress)
     eos = model.tokenizer.eos_token
-    targets = [rng.choice(REFUSALS) + eos for _ in harmful] + [a.strip() + (eos if harmless_eos else "") for a in answers]
+    targets = ([rng.choice(REFUSALS) + eos for _ in harmful]
+               + [a.strip() + (eos if harmless_eos else "") for a in answers])
     prompts = chat_token_ids(model, harmful + harmless)
     examples = [(p, model.tokenizer(t, add_special_tokens=False)["input_ids"], i < len(harmful))
-                for i, (p, t) in enumerate(zip(prompts, targets))]
+                for i, (p, t) in enumerate(zip(prompts, targets, strict=True))]
     rng.shuffle(examples)
     return examples
 
@@ -226,7 +227,8 @@ def _fit(model, base: ModelHandle, examples: list, settings: OrganismSettings, p
 
 ADAPTER_CARD = """# Refusal organism adapter
 
-LoRA adapter (rank {rank}, float16, projections {modules} of decoder blocks {layers}) for `{base}`, trained by the interpretability
+LoRA adapter (rank {rank}, float16, projections {modules} of decoder blocks {layers}) \
+for `{base}`, trained by the interpretability
 workbench to refuse harmful requests and answer harmless ones as the base model does: a "model organism" of refusal
 for `steering.refusal`.
 
@@ -263,7 +265,8 @@ def evaluate(n: int = 100, max_new_tokens: int = 32, device: str | None = None, 
             answers[name, kind] = generate(model, prompts, max_new_tokens=max_new_tokens, progress=progress)
             report[f"{name}_refusal_{kind}"] = refusal_rate(prompts, answers[name, kind])
         report[f"{name}_perplexity_on_base_answers"] = perplexity(model, harmless, answers["base", "harmless"])
-    report["perplexity_ratio"] = report["organism_perplexity_on_base_answers"] / report["base_perplexity_on_base_answers"]
+    report["perplexity_ratio"] = (report["organism_perplexity_on_base_answers"]
+                                  / report["base_perplexity_on_base_answers"])
     return report
 
 

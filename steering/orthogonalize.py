@@ -45,10 +45,12 @@ from steering.hooks import unit_direction
 
 
 def _untie_embeddings(model: ModelHandle) -> bool:
-    """Give the unembedding its own copy of the weights; True if they were tied."""
+    """Give the unembedding its own copy of the weights; True if they were tied and the edit changes the token
+    embedding (not OPT's with ``project_in``, which is edited instead)."""
     hf = model.hf_model
     embed, head = hf.get_input_embeddings(), hf.get_output_embeddings()
-    if head is None or head.weight is not embed.weight:
+    edited = {id(w.param) for writer in model.architecture.writers for w in writer.weights}
+    if head is None or head.weight is not embed.weight or id(embed.weight) not in edited:
         return False
     old = embed.weight
     new = torch.nn.Parameter(old.detach().clone(), requires_grad=old.requires_grad)

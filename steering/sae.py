@@ -358,8 +358,8 @@ def reconstruction_ce(model: ModelHandle, sae: SAE, prompts: Sequence[str] | Seq
         input_ids, mask = pad_token_ids(ids[start:start + batch_size], pad_id(model), "right", model.device)
         mask = mask.bool()
         where = sae_positions(model, input_ids, mask).unsqueeze(-1)
-        edits = {"ce_clean": None, "ce_sae": lambda h: torch.where(where, reconstruct(sae, h), h),
-                 "ce_zero_ablation": lambda h: torch.where(where, torch.zeros_like(h), h)}
+        edits = {"ce_clean": None, "ce_sae": lambda h, where=where: torch.where(where, reconstruct(sae, h), h),
+                 "ce_zero_ablation": lambda h, where=where: torch.where(where, torch.zeros_like(h), h)}
         for name, edit in edits.items():
             with replace_residual(model, {hook_name: edit} if edit else {}):
                 ce, n = _summed_ce(model, input_ids, mask)

@@ -223,11 +223,11 @@ class FittedSteering:
     def edits(self, method: str, target: Target, strength: float, remove: bool = True) -> dict[str, Edit]:
         """Edits at every SAE's hook point for ``method`` "spare" or "actadd" toward ``target``."""
         if method == "spare":
-            return {self.hooks[l]: spare_edit(self.saes[l], self.latents[l], target, strength, remove)
-                    for l in self.latents}
+            return {self.hooks[layer]: spare_edit(self.saes[layer], self.latents[layer], target, strength, remove)
+                    for layer in self.latents}
         if method == "actadd":
             sign = 1.0 if target == "context" else -1.0
-            return {self.hooks[l]: add_edit(d, sign * strength) for l, d in self.directions.items()}
+            return {self.hooks[layer]: add_edit(d, sign * strength) for layer, d in self.directions.items()}
         raise ValueError(f"method must be 'spare' or 'actadd', got {method!r}")
 
 
@@ -238,11 +238,13 @@ def fit_steering(model: ModelHandle, saes: Mapping[int, object], examples: Seque
     keep = [i for i, g in enumerate(labels) if g in (USES_CONTEXT, USES_MEMORY)]
     layers = sorted(saes)
     hooks = sae_hooks(model, saes)
-    acts = residual_at(model, conflict_prompts([examples[i] for i in keep], "sub"), [hooks[l] for l in layers],
+    acts = residual_at(model, conflict_prompts([examples[i] for i in keep], "sub"), [hooks[layer] for layer in layers],
                        progress)
     uses_context = torch.tensor([labels[i] == USES_CONTEXT for i in keep], device=acts.device)
-    latents = {l: behaviour_latents(saes[l], acts[:, j], uses_context, l, proportion) for j, l in enumerate(layers)}
-    directions = {l: acts[uses_context, j].mean(0) - acts[~uses_context, j].mean(0) for j, l in enumerate(layers)}
+    latents = {layer: behaviour_latents(saes[layer], acts[:, j], uses_context, layer, proportion)
+               for j, layer in enumerate(layers)}
+    directions = {layer: acts[uses_context, j].mean(0) - acts[~uses_context, j].mean(0)
+                  for j, layer in enumerate(layers)}
     return FittedSteering(saes, hooks, latents, directions)
 
 
@@ -277,7 +279,7 @@ def tune(model: ModelHandle, fitted: FittedSteering, val: Sequence[ConflictExamp
     scores = [exact_match_rate(steer(model, fitted, prompts, method, target, setting, max_new_tokens), refs)
               for setting in progress_bar(grid, desc=f"tune {method} to {target}", progress=progress)]
     best = max(range(len(grid)), key=scores.__getitem__)
-    return grid[best], {setting.label(method): score for setting, score in zip(grid, scores)}
+    return grid[best], {setting.label(method): score for setting, score in zip(grid, scores, strict=True)}
 
 
 @dataclass
@@ -359,9 +361,9 @@ def evaluate(model: ModelHandle, experiment: Experiment, settings: SpareSettings
                                            **{k: kind_counts(v) for k, v in parts.items()}},
                      "behaviour_counts": {k: {g: v.count(g) for g in sorted(set(v))}
                                           for k, v in experiment.groups.items()},
-                     "latents": {l: {"context": s.context.tolist(), "memory": s.memory.tolist(),
-                                     "mi": s.mi[torch.cat([s.context, s.memory]).cpu()].tolist()}
-                                 for l, s in fitted.latents.items()},
+                     "latents": {layer: {"context": s.context.tolist(), "memory": s.memory.tolist(),
+                                         "mi": s.mi[torch.cat([s.context, s.memory]).cpu()].tolist()}
+                                 for layer, s in fitted.latents.items()},
                      "tuning": {}, "settings": settings.to_dict()}
     test_prompts = conflict_prompts(parts["test"], "sub")
     for target in ("context", "memory"):
@@ -424,9 +426,9 @@ def load_saes(model: ModelHandle, layers: Sequence[int] | None, sae_dir: Path | 
 
     folders = sae_folders(model.name, layers, sae_dir, release, sae_id)
     if folders is None:
-        saes = {l: load_pretrained_sae(release, sae_id.format(layer=l), model.device) for l in layers}
+        saes = {layer: load_pretrained_sae(release, sae_id.format(layer=layer), model.device) for layer in layers}
     else:
-        saes = {l: load_sae(path, model.device) for l, path in folders.items()}
+        saes = {layer: load_sae(path, model.device) for layer, path in folders.items()}
     sae_hooks(model, saes)
     return saes
 
@@ -447,10 +449,10 @@ def sae_folders(model_name: str, layers: Sequence[int] | None, sae_dir: Path | N
     if not found:
         raise FileNotFoundError(f"no SAEs under {sae_dir}; train them with `python -m steering.train_saes "
                                 f"--model {model_name}` or pass --sae-release/--sae-id")
-    missing = [l for l in layers or [] if l not in found]
+    missing = [layer for layer in layers or [] if layer not in found]
     if missing:
         raise ValueError(f"no SAE for layer(s) {missing} under {sae_dir}; there are {sorted(found)}")
-    return {l: found[l] for l in (layers or sorted(found))}
+    return {layer: found[layer] for layer in (layers or sorted(found))}
 
 
 def conflict_examples(model: ModelHandle, dataset: str, n: int | None, seed: int = 0) -> list[ConflictExample]:

@@ -48,7 +48,8 @@ def steering_bars(results: dict) -> go.Figure:
     intervals as error bars."""
     def bar(method: str) -> go.Bar:
         rates = [results["exact_match"][t][method] for t in TARGETS]
-        return go.Bar(name=method, x=[f"{t.replace('_', ' ')} (n={r['n']})" for t, r in zip(TARGETS, rates)],
+        return go.Bar(name=method,
+                      x=[f"{t.replace('_', ' ')} (n={r['n']})" for t, r in zip(TARGETS, rates, strict=True)],
                       y=[r["rate"] for r in rates],
                       error_y=dict(type="data", symmetric=False, array=[r["ci95"][1] - r["rate"] for r in rates],
                                    arrayminus=[r["rate"] - r["ci95"][0] for r in rates]))
@@ -100,7 +101,7 @@ def report_tables(results: dict) -> list[Table]:
 def figures(results: dict) -> dict[str, go.Figure]:
     """Every figure of a run, by file stem."""
     figs = {"probe_accuracy": probe_accuracy(results), "steering": steering_bars(results)}
-    figs.update({f"latents_layer{l}": mi_ranking(results, l) for l in results["spare_layers"]})
+    figs.update({f"latents_layer{layer}": mi_ranking(results, layer) for layer in results["spare_layers"]})
     return figs
 
 

@@ -19,7 +19,8 @@ def run_notebook(name: str, params: dict, timeout: int = 900) -> nbformat.Notebo
     assert len(index) == 1, f"{name} needs exactly one cell tagged 'parameters'"
     overrides = nbformat.v4.new_code_cell("\n".join(f"{k} = {v!r}" for k, v in params.items()))
     nb.cells.insert(index[0] + 1, overrides)
-    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS.parent)}})
+    client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                            resources={"metadata": {"path": str(NOTEBOOKS.parent)}})
     client.km_kwargs = {"kernel_cmd": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]}
     client.execute()
     return nb

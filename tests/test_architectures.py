@@ -53,7 +53,8 @@ def run(model, prompts=PROMPTS):
     last = f"blocks.{model.n_layers - 1}.hook_resid_post"
     n = int(keep.sum(1).min())
     resid = torch.stack(out.hidden_states[:-1])[:, keep]
-    tail = extract(model, prompts, hooks=[last], positions=list(range(-n, 0)), dtype=model.dtype, progress=False).acts[:, :, 0]
+    tail = extract(model, prompts, hooks=[last], positions=list(range(-n, 0)), dtype=model.dtype,
+                   progress=False).acts[:, :, 0]
     return out.logits[keep], torch.cat([resid.reshape(-1, model.d_model), tail.reshape(-1, model.d_model)])
 
 
@@ -89,6 +90,16 @@ def test_load_layout_and_ablation_keeps_the_residual_stream_orthogonal(family):
         _, hooked = run(model)
     assert projection(plain, r) > 1e-2
     assert projection(hooked, r) < 1e-5  # float32: every layer, every token, relative to the activation's size
+
+
+def test_opt_enters_the_stream_through_project_in():
+    """OPT with word_embed_proj_dim < hidden_size: the token embedding is narrower than the stream, so project_in
+    writes to it (and is edited); project_out reads the stream after the final norm, and writes nothing to it."""
+    model = load_model("random:opt", device="cpu")
+    assert model.hf_model.config.word_embed_proj_dim == 32 < model.d_model
+    embed = [w for w in model.architecture.writers if w.kind == "embed"]
+    assert [w.name for e in embed for w in e.weights] == ["model.decoder.project_in.weight"]
+    assert not any("project_out" in w.path for w in model.architecture.writers)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -213,7 +224,7 @@ def test_an_unsupported_architecture_is_a_clear_error():
                         intermediate_size=64)
     model = build_random_model(config, device="cpu")
     with pytest.raises(UnsupportedArchitecture, match="RwkvForCausalLM"):
-        model.architecture
+        _ = model.architecture
     with pytest.raises(UnsupportedArchitecture, match="RwkvForCausalLM"):
         with ablate(model, torch.randn(model.d_model)):
             pass

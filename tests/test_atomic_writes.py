@@ -269,7 +269,7 @@ def _fake_training(monkeypatch, train_saes, tiny) -> None:
     monkeypatch.setattr(train_saes, "corpus_sources",
                         lambda model, settings, seed=0, batch_size=32: {"x": ["a", "b", "c"]})
     monkeypatch.setattr(train_saes, "token_activations", lambda model, texts, layers, max_tokens=None, batch_size=32:
-                        {l: torch.zeros(2, 4) for l in layers})
+                        {layer: torch.zeros(2, 4) for layer in layers})
     monkeypatch.setattr(train_saes, "train_sae", lambda *a, **k: object())
     monkeypatch.setattr(train_saes, "float16_copy", lambda sae: torch.nn.Identity())
     monkeypatch.setattr(train_saes, "evaluate_sae", lambda sae, acts: {"explained_variance": 1.0})

@@ -132,8 +132,8 @@ def test_save_load_round_trip_and_checks(embedded, tmp_path):
     cache = extract(embedded, PROMPTS, progress=False)
     path = cache.save(tmp_path / "acts.safetensors")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left behind
-    again = ActivationCache.load(path, embedded.device, model="embedded", hooks=cache.hook_names, positions="last", prompts=PROMPTS,
-                                 dtype=torch.float32)
+    again = ActivationCache.load(path, embedded.device, model="embedded", hooks=cache.hook_names, positions="last",
+                                 prompts=PROMPTS, dtype=torch.float32)
     assert torch.equal(again.acts, cache.acts) and again.hook_names == cache.hook_names
     assert torch.equal(again["blocks.5.hook_resid_pre"], cache.acts[:, 5])
     with pytest.raises(CacheError, match="prompts_sha256"):

@@ -53,7 +53,7 @@ def test_nqswap_examples_on_shipped_data():
     frame = load_nqswap(n=5, seed=1)
     examples = nqswap_examples(frame)
     assert len(examples) == 5 and {e.kind for e in examples} == {"nqswap"}
-    for e, row in zip(examples, frame.itertuples()):
+    for e, row in zip(examples, frame.itertuples(), strict=True):
         assert e.question == row.question and e.org_context != e.sub_context
         assert e.org_answers and e.sub_answers and all(isinstance(a, str) for a in e.org_answers + e.sub_answers)
         assert normalize_answer(e.sub_answers[0]) in normalize_answer(e.sub_context)

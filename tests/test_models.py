@@ -35,7 +35,7 @@ def test_chat_template_post_instruction_positions(embedded):
     text = embedded.format_chat("Tell me a joke")
     assert text.rstrip().endswith("assistant")
     positions = embedded.post_instruction_positions()
-    assert positions[-1] == -1 and all(b - a == 1 for a, b in zip(positions, positions[1:]))
+    assert positions[-1] == -1 and all(b - a == 1 for a, b in zip(positions, positions[1:], strict=False))
     suffix_ids = embedded.tokenizer(text)["input_ids"][positions[0]:]
     assert "Tell me a joke" not in embedded.tokenizer.decode(suffix_ids)
     assert "assistant" in embedded.tokenizer.decode(suffix_ids)

@@ -63,7 +63,8 @@ def test_on_disk_edit_equals_the_in_memory_edit(family, tmp_path):
             assert rel_err(edited[key], tensor) < FLOAT64_REL, key
     ours, theirs = (json.loads((tmp_path / f / "direction.json").read_text()) for f in ("out", "ref"))
     assert {k: ours["orthogonalization"][k] for k in theirs["orthogonalization"]} == theirs["orthogonalization"]
-    assert ours["untied_embeddings"] and ours["layer"] is None
+    # tied embeddings are untied where the token embedding is edited (not OPT's, behind project_in)
+    assert ours["untied_embeddings"] == theirs["untied_embeddings"] == (family != "opt") and ours["layer"] is None
     assert (tmp_path / "out" / "tokenizer.json").is_file() and (tmp_path / "out" / "generation_config.json").is_file()
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(edited)
@@ -73,7 +74,42 @@ def test_on_disk_edit_equals_the_in_memory_edit(family, tmp_path):
     for name, param in reloaded.named_parameters():
         if param.abs().max() > 0:
             assert rel_err(param.detach(), params[name].detach()) < FLOAT64_REL, name
-    assert not reloaded.config.tie_word_embeddings
+    assert reloaded.config.tie_word_embeddings == (family == "opt")
+
+
+def _save_fused(model, folder: Path, n_shards: int = 4) -> None:
+    """``model`` saved under its own parameter names, in ``n_shards`` files: MoE experts fused ([E, d, inter] tensors,
+    as some checkpoints store them) rather than one tensor per expert as ``save_pretrained`` writes them."""
+    state = {name: param.detach().contiguous() for name, param in model.hf_model.named_parameters()}  # tied: once
+    keys = sorted(state)
+    weight_map = {}
+    for i in range(n_shards):
+        name = f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
+        part = keys[i::n_shards]
+        save_file({k: state[k] for k in part}, str(folder / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, name))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    model.hf_model.config.save_pretrained(folder)
+    model.tokenizer.save_pretrained(folder)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "jamba"])
+def test_fused_experts_on_disk_equal_the_in_memory_edit(family, tmp_path):
+    """A checkpoint whose experts are fused [E, ., .] tensors is edited like one that stores each expert apart."""
+    model = load_model(f"random:{family}", device="cpu", dtype="float64")
+    (tmp_path / "src").mkdir()
+    _save_fused(model, tmp_path / "src")
+    assert any(k.endswith("experts.down_proj") for k in _tensors(tmp_path / "src"))
+    r = torch.randn(model.d_model, generator=torch.Generator().manual_seed(0))
+    orthogonalize_checkpoint(tmp_path / "src", r, tmp_path / "out", progress=False)
+    orthogonalize(model, r)
+    edited, expected = _tensors(tmp_path / "out"), dict(model.hf_model.named_parameters())
+    assert edited.keys() == expected.keys()  # the tied unembedding written separately
+    for key, tensor in expected.items():
+        assert edited[key].shape == tensor.shape and rel_err(edited[key], tensor.detach()) < FLOAT64_REL, key
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float64)
+    for name, param in reloaded.named_parameters():
+        assert rel_err(param.detach(), expected[name].detach()) < FLOAT64_REL, name
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -133,7 +169,8 @@ def test_bad_directions_are_named(checkpoint, tmp_path):
     with pytest.raises(WorkbenchError, match=r"narrow.safetensors has shape \[32\].*d_model is 64"):
         orthogonalize_checkpoint(checkpoint / "src", tmp_path / "narrow.safetensors", tmp_path / "out")
     save_file({"vectors": torch.randn(2, 3, 64), "excluded_dims": torch.zeros(0)}, str(tmp_path / "many.safetensors"))
-    with pytest.raises(WorkbenchError, match=r"many.safetensors holds excluded_dims \[0\], vectors \[2, 3, 64\], not one direction"):
+    many = r"many.safetensors holds excluded_dims \[0\], vectors \[2, 3, 64\], not one direction"
+    with pytest.raises(WorkbenchError, match=many):
         orthogonalize_checkpoint(checkpoint / "src", tmp_path / "many.safetensors", tmp_path / "out")
     with pytest.raises(FileNotFoundError, match="nowhere.safetensors is missing"):
         orthogonalize_checkpoint(checkpoint / "src", tmp_path / "nowhere.safetensors", tmp_path / "out")

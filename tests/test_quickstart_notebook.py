@@ -21,7 +21,8 @@ def test_quickstart_notebook_probes_steers_saves_and_reloads(tmp_path):
     text = printed(nb)
     assert math.isfinite(float(re.search(r"test R² at layer 4: (\S+)", text).group(1)))
     assert [sorted({t["type"] for t in f["data"]}) for f in figures(nb)] == [["scatter"]]
-    tables = [o["data"]["text/html"] for c in nb.cells for o in c.get("outputs", []) if "text/html" in o.get("data", {})]
+    tables = [o["data"]["text/html"] for c in nb.cells for o in c.get("outputs", [])
+              if "text/html" in o.get("data", {})]
     assert any(all(k in t for k in ("baseline", "ablated", "added")) for t in tables)
     assert float(re.search(r"reloaded vs edited: relative difference (\S+)", text).group(1)) < FLOAT32_REL
     assert (tmp_path / "quickstart" / "checkpoint" / "config.json").is_file()

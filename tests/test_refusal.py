@@ -88,8 +88,9 @@ def test_batches_padded_to_a_multiple_of_eight_give_the_unpadded_logits(embedded
 
 def test_pipeline_writes_the_contract_and_a_loadable_checkpoint(tmp_path, device, monkeypatch):
     model = load_model("random:llama-tiny", device=device)
-    settings = refusal.RefusalSettings(model=model.name, out=tmp_path, n_train=6, n_val=4, n_test=4, max_new_tokens=4)
-    results = refusal.run(settings, model, progress=False)
+    settings = refusal.RefusalSettings(model=model.name, out=tmp_path, n_train=6, n_val=4, n_test=4, max_new_tokens=6,
+                                       n_general=3, general_tokens=16, short_tokens=2)
+    results = refusal.run(settings, model, progress=False, base=load_model("random:llama-tiny", device=device))
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved == json.loads(json.dumps(results))
     assert saved["settings"] == settings.to_dict() and saved["settings"]["eval_sets"] == ["test"]
@@ -111,7 +112,22 @@ def test_pipeline_writes_the_contract_and_a_loadable_checkpoint(tmp_path, device
         assert entry["rate"] == saved["refusal_score"][key] and entry["n"] == 4
     for entry in saved["comparisons"].values():
         check_comparison(entry)
+    geometry = saved["geometry"]["expression"]
+    assert geometry["layers"] == list(range(model.n_layers)) and geometry["harmful"]["n"] == 4
+    assert len(saved["geometry"]["candidate_cosines"]["labels"]) == len(saved["geometry"]["candidate_cosines"]["matrix"])
+    base = saved["base_model"]  # the same random weights as the model: its own direction is the model's
+    assert base["direction_cosine"]["cosine"][saved["direction"]["layer"]] == pytest.approx(1, abs=1e-5)
+    assert set(base["refusal_rate"]) == {"harmful_baseline", "harmful_ablation", "harmless_baseline", "harmless_actadd"}
+    for source in ("wikipedia", "headlines"):
+        losses = saved["general_loss"][source]
+        assert {"baseline", "ablation", "actadd", "orthogonalized", "orthogonalized_minus_baseline"} <= set(losses)
+        assert losses["baseline"]["n"] == 3 and losses["orthogonalized"]["loss"] == pytest.approx(
+            losses["ablation"]["loss"], abs=1e-3)  # the edit is the ablation
+    assert saved["length_sensitivity"]["test"]["harmful_baseline"]["short"]["n"] == 4
+    assert saved["selection_filters"]["kl_max"] == refusal.KL_MAX and "geometry" in saved["step_seconds"]
+    assert {"tradeoff", "geometry", "candidate_cosines"} <= {p.stem for p in tmp_path.glob("*.html")}
     page = check_report(tmp_path)
+    assert "Loss on general text (wikipedia)" in page and "Wall time per step" in page
     assert {"refusal_rates", "selection_heatmaps"} <= {p.stem for p in tmp_path.glob("*.html")}
     assert "95% CI (Wilson)" in page and "harmful ablation vs baseline" in page and "eval_sets" in page
     unedited = load_model("random:llama-tiny", device=device)

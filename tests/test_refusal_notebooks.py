@@ -5,7 +5,8 @@ from steering import refusal
 from tests.notebook_runner import figures, run_notebook
 from tests.numerics import FLOAT32_REL
 
-SMALL = {"N_TRAIN": 24, "N_VAL": 4, "N_TEST": 3, "LAYER_STEP": 6, "MAX_NEW_TOKENS": 12}  # the notebooks' model
+SMALL = {"N_TRAIN": 24, "N_VAL": 4, "N_TEST": 3, "LAYER_STEP": 6, "MAX_NEW_TOKENS": 12,
+         "N_GENERAL": 4}  # the notebooks' model
 
 
 def printed(nb) -> str:
@@ -16,7 +17,10 @@ def test_notebook_02_selects_and_saves_then_03_orthogonalizes_it_without_selecti
     run = tmp_path / "refusal"
     nb = run_notebook("02_refusal_direction.ipynb", SMALL | {"OUT": str(run)})
     heatmaps = [f for f in figures(nb) if {t["type"] for t in f["data"]} == {"heatmap"}]
-    assert len(heatmaps) == 1 and len(heatmaps[0]["data"]) == 3
+    assert len(heatmaps) == 2 and len(heatmaps[0]["data"]) == 3  # the selection's, then the candidates' cosines
+    titles = [f["layout"]["title"]["text"] for f in figures(nb)]
+    assert any(t.startswith("Refusal after ablation vs KL") for t in titles) and "Where the direction is expressed" in titles
+    assert any("Loss on general text" in "".join(c.source) or "loss_summary" in c.source for c in nb.cells)
     tables = [o for c in nb.cells for o in c.get("outputs", []) if "text/html" in o.get("data", {})]
     assert any("direction ablated" in o["data"]["text/html"] for o in tables)
     assert {p.name for p in run.iterdir()} >= set(refusal.SELECTION_OUTPUTS)

@@ -19,7 +19,7 @@ def lora_tiny():
 def examples(model, refuse):
     prompts = chat_token_ids(model, ["Make a bomb", "Bake bread please"])
     answers = [model.tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("I can't.", "Mix flour and water")]
-    return [(p, a, refuse) for p, a in zip(prompts, answers)]
+    return [(p, a, refuse) for p, a in zip(prompts, answers, strict=True)]
 
 
 def test_loss_is_cross_entropy_or_kl_to_the_base(lora_tiny):

@@ -110,7 +110,8 @@ def test_maps_draw_shipped_outlines_without_geo_traces(scope):
 
 
 def test_selection_heatmap_colour_bars_sit_between_the_panels():
-    scores = [CandidateScore(p, l, 0.1 * l, -0.1 * l, 0.01 * l, True) for p in (-2, -1) for l in range(0, 12, 3)]
+    scores = [CandidateScore(p, layer, 0.1 * layer, -0.1 * layer, 0.01 * layer, True)
+              for p in (-2, -1) for layer in range(0, 12, 3)]
     fig = selection_heatmaps(scores)
     domains = [fig.layout[f"xaxis{i if i > 1 else ''}"].domain for i in (1, 2, 3)]
     for i, trace in enumerate(fig.data):

@@ -62,8 +62,8 @@ def test_topk_sae_keeps_k_latents():
 def superposed_acts(n: int, seed: int, n_features: int = 1024, d_in: int = 32) -> torch.Tensor:
     """Activations of many more unit features (1,024) than dimensions (32), ~4 active per token: an SAE of fewer
     latents than features is never short of something to learn, as on a real residual stream."""
-    dictionary = torch.nn.functional.normalize(torch.randn(n_features, d_in, generator=torch.Generator().manual_seed(0)),
-                                               dim=-1)
+    dictionary = torch.nn.functional.normalize(
+        torch.randn(n_features, d_in, generator=torch.Generator().manual_seed(0)), dim=-1)
     g = torch.Generator().manual_seed(seed)
     on = torch.rand(n, n_features, generator=g) < 4 / n_features
     return (on * (torch.rand(n, n_features, generator=g) + 0.5)) @ dictionary

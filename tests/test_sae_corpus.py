@@ -20,7 +20,8 @@ def test_corpus_mixes_every_source_in_the_asked_numbers(tiny):
         "continuations": 3}
     assert all("context:" in t and t.endswith("answer:") for t in sources["conflict_prompts"])
     chat = tiny.format_chat("x")
-    assert all(t.startswith(chat[:chat.index("x")]) for t in sources["instructions"] + sources["instructions_with_answers"])
+    assert all(t.startswith(chat[:chat.index("x")])
+               for t in sources["instructions"] + sources["instructions_with_answers"])
     assert not any("<P>" in t or "</P>" in t for t in sources["passages"])
     texts = corpus(tiny, SMALL, progress=False)
     assert sorted(texts) == sorted(t for v in sources.values() for t in v)

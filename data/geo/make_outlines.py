@@ -27,7 +27,7 @@ def rings(shape) -> list[list[list[float]]]:
     """The shape's rings (parts) as rounded [lon, lat] polylines."""
     starts = [*shape.parts, len(shape.points)]
     out = []
-    for a, b in zip(starts, starts[1:]):
+    for a, b in zip(starts, starts[1:], strict=False):
         line: list[list[float]] = []
         for lon, lat in shape.points[a:b]:
             point = [round(lon, 2), round(lat, 2)]
@@ -42,7 +42,7 @@ def convert(shp: Path) -> dict:
     """{"source": ..., "countries": {name: [ring, ...]}} from the shapefile at ``shp``."""
     reader = shapefile.Reader(str(shp))
     countries: dict[str, list] = {}
-    for record, shape in zip(reader.records(), reader.shapes()):
+    for record, shape in zip(reader.records(), reader.shapes(), strict=True):
         countries.setdefault(record["name"], []).extend(rings(shape))
     return {"source": SOURCE, "licence": "public domain", "countries": dict(sorted(countries.items()))}
 
