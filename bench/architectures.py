@@ -162,6 +162,11 @@ def check_family(class_name: str, tokenizer: PreTrainedTokenizerBase) -> dict:
             "approximations": model.architecture.approximations}
 
 
+def _reasons(approximations: list[str]) -> str:
+    """Why an edit is approximate, each reason once (without the module paths)."""
+    return "; ".join(sorted({a.split(": ", 1)[-1] for a in approximations}))
+
+
 def _status(row: dict) -> str:
     if "unbuilt" in row:
         return "not built"
@@ -183,7 +188,8 @@ def bridge_table(tokenizer: PreTrainedTokenizerBase) -> list[dict]:
         status = _status(r)
         numbers = ("| | | |" if status in ("not built", "refused") else
                    f"{r['ablate']:.1e} | {r['weights']:.1e} | {r['logits']:.1e} | {r['kl']:.1e} |")
-        why = r.get("unbuilt") or r["refused"] or "; ".join(r.get("approximations", []))
+        why = (r.get("unbuilt") or (r["refused"] or "").split(". The workbench reads")[0]
+               or _reasons(r.get("approximations", [])))
         print(f"| {r['class']} | {status} | {numbers} {why} |")
     counts = {s: sum(_status(r) == s for r in rows) for s in ("exact", "approximate", "refused", "not built")}
     print(", ".join(f"{n} {s}" for s, n in counts.items()))
@@ -206,7 +212,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for r in rows:
         print(f"| {r['family']} | {r['class']} | {r['ablate_float32']:.1e} | {r['weights_float64']:.1e} | "
               f"{r['logits_float64']:.1e} / {r['logits_float32']:.1e} | {r['kl']:.1e} | "
-              f"{'exact' if r['exact'] else 'approximate: ' + '; '.join(r['approximations'])} |")
+              f"{'exact' if r['exact'] else 'approximate: ' + _reasons(r['approximations'])} |")
     return rows
 
 
