@@ -124,7 +124,7 @@ class MLPProbe:
             with torch.no_grad():
                 current = (_forward(params, x_val) - y_val).square().mean((1, 2))
                 better = active & (current < best_loss)
-                for kept, p in zip(best, params):
+                for kept, p in zip(best, params, strict=True):
                     kept[better] = p[better]
                 best_loss = torch.where(better, current, best_loss)
                 waited = torch.where(better, 0, waited + active.long())

@@ -62,5 +62,6 @@ class PCAProbe:
             raise RuntimeError("call fit() before predict()")
         xl, layered = _layers_view(X)
         x = xl.to(F64)
-        preds = torch.stack([probe.predict(self._project(x, k)) for k, probe in zip(self.ks_, self.probes_)])
+        preds = torch.stack([probe.predict(self._project(x, k))
+                             for k, probe in zip(self.ks_, self.probes_, strict=True)])
         return preds if layered else preds[:, 0]

@@ -242,7 +242,7 @@ def neuron_weight_alignment(model: ModelHandle, mlp_layer: int, direction: torch
     cos = {k: torch.nn.functional.normalize(w.double().cpu(), dim=-1) @ unit.T for k, w in weights.items()}
     out = {"layer": mlp_layer, "inputs": sorted(k for k in cos if k != "out"), "targets": {}}
     for i, name in enumerate(data.target_names):
-        def describe(index: int) -> dict:
+        def describe(index: int, i: int = i) -> dict:
             return {"neuron": index, "correlation": float(corr[index, i]),
                     **{f"cos_{k}": float(c[index, i]) for k, c in cos.items()}}
 
@@ -273,7 +273,7 @@ def prompt_robustness(model: ModelHandle, data: EntityData, templates: dict[str,
         for variant in variants:
             acts = variant_activations(model, data, template, variant, seed, progress)
             curves[f"{name}_{variant}"] = ridge_test_r2(acts, data)
-            at_layer[f"{name}_{variant}"] = acts[:, layer]
+            at_layer[f"{name}_{variant}"] = acts[:, layer].clone()  # not a view: the rest of acts is freed
     return {"layer": layer, "variants": list(variants), "r2_by_layer": curves,
             **transfer_matrix(at_layer, data)}
 

@@ -44,6 +44,15 @@ def model_curves(model: ModelHandle, datasets: Sequence[str], n_entities: int | 
     return out
 
 
+def curves_from_results(results: dict, model: ModelHandle) -> dict:
+    """The probed model's entry of :func:`models_side_by_side`, read from its run's ``results`` (first template)
+    rather than probed again."""
+    return {"name": model.name, "n_layers": model.n_layers, "d_model": model.d_model,
+            "depth": [layer / model.n_layers for layer in range(model.n_layers + 1)],
+            "r2": {name: e["r2"] for name, e in results["datasets"].items()},
+            "peak": {name: e["peak"] for name, e in results["datasets"].items()}}
+
+
 def models_side_by_side(models: Iterable[ModelHandle], datasets: Sequence[str], n_entities: int | None,
                         template: str = "empty", seed: int = 0, progress: bool = True) -> dict:
     """:func:`model_curves` of each model, in order: ``{"template", "models": [...]}`` for ``results.json`` and

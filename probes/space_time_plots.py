@@ -394,7 +394,7 @@ def comparison_table(results: dict) -> Table | None:
                       f"{d['difference']:+.3f} {interval(d)}"]
         if p:
             best = p["at_best_layer"]
-            cells += [f"{r:.3f} {interval({'ci95': ci})}" for r, ci in zip(best["r2"], best["ci95"])]
+            cells += [f"{r:.3f} {interval({'ci95': ci})}" for r, ci in zip(best["r2"], best["ci95"], strict=True)]
         rows.append([name, e["best_layer"], *cells, e["n_test"]])
     columns = ["ridge", *(["MLP", "MLP - ridge"] if _with(results, "ridge_vs_mlp") else []),
                *[f"PCA k={k}" for k in ks]]
@@ -427,7 +427,8 @@ def heldout_score_table(results: dict) -> Table | None:
     whole test set's variance."""
     rows = [[name, b["block"], b["n_test"], b["proximity_error_seen"], b["proximity_error_heldout"],
              b["r2_seen_vs_test_variance"], b["r2_heldout_vs_test_variance"]]
-            for name in _with(results, "heldout_block_scores") for b in results["datasets"][name]["heldout_block_scores"]]
+            for name in _with(results, "heldout_block_scores")
+            for b in results["datasets"][name]["heldout_block_scores"]]
     if not rows:
         return None
     return Table("Held-out blocks, scored as the paper does (best layer)",

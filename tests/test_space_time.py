@@ -18,11 +18,12 @@ CONTRACT = {"targets", "layers", "r2", "spearman", "best_layer", "best_r2"}
 def test_cli_writes_the_contract(embedded, tmp_path, monkeypatch):
     monkeypatch.setattr(space_time, "load_model", lambda *a, **k: embedded)
     space_time.main(["--model", "embedded", "--datasets", "world_place,art", "--n-entities", "120", "--templates",
-                     "empty", "--seed", "0", "--out", str(tmp_path)])
+                     "empty", "--seed", "0", "--mlp-epochs", "2", "--no-variants", "--out", str(tmp_path)])
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["model"] == "embedded" and results["complete"] is True
     assert results["settings"] == SpaceTimeSettings(datasets=["world_place", "art"], n_entities=120,
-                                                    templates=["empty"], out=tmp_path).to_dict()
+                                                    templates=["empty"], mlp_epochs=2, variants=False,
+                                                    out=tmp_path).to_dict()
     assert set(results["datasets"]) == {"world_place", "art"}
     assert not (tmp_path / "results.json.tmp").exists()
     for name, entry in results["datasets"].items():
@@ -93,7 +94,7 @@ def draws_shipped_outlines(path) -> bool:
 
 def test_place_probe_improves_from_embeddings_to_middle_layers_and_matches_sklearn(embedded):
     settings = SpaceTimeSettings(datasets=["world_place"], n_entities=400, templates=["empty"], n_blocks=2,
-                                 neuron_ks=[1, 8], controls=False)
+                                 neuron_ks=[1, 8], controls=False, mlp=False, prompt_transfer=False)
     results, _ = space_time.reproduce(embedded, settings, progress=False)
     assert "controls" not in results
     entry = results["datasets"]["world_place"]
@@ -112,7 +113,8 @@ def test_unknown_dataset_or_template():
 
 
 def test_notebook_runs_and_shows_the_figures(tmp_path):
-    nb = run_notebook("01_space_time.ipynb", {"N_ENTITIES": 60, "TEMPLATES": ["empty"], "OUT": str(tmp_path / "nb")})
+    nb = run_notebook("01_space_time.ipynb", {"N_ENTITIES": 60, "TEMPLATES": ["empty"], "MLP_EPOCHS": 2,
+                                              "OUT": str(tmp_path / "nb")})
     figs = figures(nb)
     kinds = [{t["type"] for t in f["data"]} for f in figs]
     assert len(figs) >= 8
@@ -125,4 +127,7 @@ def test_notebook_runs_and_shows_the_figures(tmp_path):
     assert (tmp_path / "nb" / "headline_predictions.html").is_file()
     results = json.loads((tmp_path / "nb" / "results.json").read_text())  # a run folder, as the CLI writes it
     assert results["complete"] and results["settings"]["n_entities"] == 60 and results["templates"] == ["empty"]
+    side_by_side = [m["name"] for m in results["models_side_by_side"]["models"]]  # the three offline models
+    assert side_by_side == ["embedded", "embedded-refuser", "random-weights:embedded"]
+    assert sum(t["type"] == "heatmap" for f in figs for t in f["data"]) >= 2 * len(space_time.ALL_DATASETS)
     assert "<td>n_entities</td>" in check_report(tmp_path / "nb")

@@ -12,7 +12,9 @@ from sklearn.metrics import r2_score as sk_r2
 from sklearn.neural_network import MLPRegressor
 from sklearn.preprocessing import StandardScaler
 
-from probes import space_time, space_time_analyses as an, space_time_plots as plots
+from probes import space_time
+from probes import space_time_analyses as an
+from probes import space_time_plots as plots
 from probes.architecture import mlp_neuron_weights
 from probes.datasets import EntityData
 from probes.linear import DEFAULT_ALPHAS
@@ -156,7 +158,7 @@ def test_prompt_variants(tiny):
     assert [p[s[0]:s[1]] for p, s in caps] == ["PARIS", "ROME", "OSLO"] and caps[0][0] == "Where is PARIS?"
     prefixed = an.variant_prompts(data, "Where is {entity}?", "random_prefix", tiny.tokenizer, seed=1)
     assert [p[s[0]:s[1]] for p, s in prefixed] == data.entities
-    assert all(p.endswith(f"Where is {e}?") for (p, _), e in zip(prefixed, data.entities))
+    assert all(p.endswith(f"Where is {e}?") for (p, _), e in zip(prefixed, data.entities, strict=True))
     assert len({p.split("Where")[0] for p, _ in prefixed}) == 3  # a new prefix for each entity
     assert an.variant_prompts(data, "Where is {entity}?", "random_prefix", tiny.tokenizer, seed=1) == prefixed
     with pytest.raises(ValueError, match="unknown prompt variant"):
@@ -175,9 +177,13 @@ def test_models_side_by_side_line_up_by_depth(tiny):
 
 def test_the_run_writes_each_comparison_and_skips_each_on_request(tiny, tmp_path):
     settings = SpaceTimeSettings(datasets=["world_place"], n_entities=80, templates=["empty", "question"],
-                                 controls=False, n_blocks=2, mlp_epochs=2, pca_ks=[1, 5], out=tmp_path)
+                                 controls=False, n_blocks=2, mlp_epochs=2, pca_ks=[1, 5], out=tmp_path,
+                                 compare_models=[RANDOM_TWIN])
     results, runs = space_time.reproduce(tiny, settings, progress=False)
     entry = results["datasets"]["world_place"]
+    side_by_side = results["models_side_by_side"]["models"]  # the probed model's curves come from its own run
+    assert [m["name"] for m in side_by_side] == [tiny.name, f"random-weights:{tiny.name}"]
+    assert side_by_side[0]["r2"]["world_place"] == entry["r2"]
     for key in ("ridge_vs_mlp", "pca", "prompt_robustness", "entity_type_transfer", "neuron_weights", "ridge_views",
                 "heldout_block_scores", "heldout_blocks"):
         assert key in entry, key
@@ -190,7 +196,7 @@ def test_the_run_writes_each_comparison_and_skips_each_on_request(tiny, tmp_path
     names = set(plots.figures(results, runs))
     assert {"ridge_vs_mlp", "pca_by_k", "prompt_transfer", "entity_type_transfer", "train_test_gap"} <= names
     skipped = settings.replace(mlp=False, pca=False, prompt_transfer=False, entity_types=False,
-                               neuron_weights=False, ridge_views=False, templates=["empty"])
+                               neuron_weights=False, ridge_views=False, templates=["empty"], compare_models=[])
     entry = space_time.reproduce(tiny, skipped, progress=False)[0]["datasets"]["world_place"]
     assert not {"ridge_vs_mlp", "pca", "prompt_robustness", "entity_type_transfer", "neuron_weights",
                 "ridge_views"} & set(entry)
