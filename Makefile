@@ -26,7 +26,7 @@ demo: $(STAMP)
 	$(PY) -m probes.space_time --model embedded --n-entities 200 --templates empty --no-variants --mlp-epochs 5 \
 		--out $(OUT)/space_time --overwrite
 	$(PY) -m steering.refusal --model embedded-refuser --n-train 64 --n-val 8 --n-test 16 --layer-step 3 \
-		--max-new-tokens 24 --short-tokens 12 --n-general 16 --eval-sets test,jailbreakbench,harmbench,strongreject \
+		--max-new-tokens 24 --short-tokens 12 --n-general 8 --eval-sets test,harmbench,strongreject \
 		--out $(OUT)/refusal --overwrite
 	$(PY) -m steering.spare --model embedded --dataset known_facts --n-examples 80 --strengths 0.5,2 \
 		--out $(OUT)/spare --overwrite

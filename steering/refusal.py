@@ -913,7 +913,8 @@ def _judged(model: ModelHandle, settings: RefusalSettings, prompts: dict[str, li
             extra["length_sensitivity"] = length_sensitivity(model, settings, prompts, texts)
     if settings.safety_judge:
         with _timed(took, "safety"):
-            scored = safety(settings, prompts, texts, SafetyJudge.load(settings.safety_judge, model.device))
+            classifier = SafetyJudge.load(settings.safety_judge, model.device, model.dtype)
+            scored = safety(settings, prompts, texts, classifier)
         for name, entry in scored.items():
             judged[name] |= entry
     return judged, extra

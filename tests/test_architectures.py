@@ -235,7 +235,8 @@ def test_refusal_pipeline_runs_end_to_end(family, tmp_path):
     from steering import refusal
 
     model = load_model(f"random:{family}", device="cpu")
-    settings = refusal.RefusalSettings(model=model.name, out=tmp_path, n_train=6, n_val=4, n_test=4, max_new_tokens=3)
+    settings = refusal.RefusalSettings(model=model.name, out=tmp_path, n_train=6, n_val=4, n_test=4, max_new_tokens=3,
+                                       n_general=4, general_tokens=16)
     results = refusal.run(settings, model, progress=False)
     assert results["orthogonalization"]["exact"] == (family not in POST_NORM)
     if family in POST_NORM:

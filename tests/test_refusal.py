@@ -114,7 +114,8 @@ def test_pipeline_writes_the_contract_and_a_loadable_checkpoint(tmp_path, device
         check_comparison(entry)
     geometry = saved["geometry"]["expression"]
     assert geometry["layers"] == list(range(model.n_layers)) and geometry["harmful"]["n"] == 4
-    assert len(saved["geometry"]["candidate_cosines"]["labels"]) == len(saved["geometry"]["candidate_cosines"]["matrix"])
+    cosines = saved["geometry"]["candidate_cosines"]
+    assert len(cosines["labels"]) == len(cosines["matrix"])
     base = saved["base_model"]  # the same random weights as the model: its own direction is the model's
     assert base["direction_cosine"]["cosine"][saved["direction"]["layer"]] == pytest.approx(1, abs=1e-5)
     assert set(base["refusal_rate"]) == {"harmful_baseline", "harmful_ablation", "harmless_baseline", "harmless_actadd"}

@@ -28,7 +28,7 @@ def test_text_losses_match_a_float64_reference(tiny):
     texts = ["The river flows north into the lake.", "Prices rose sharply in March", "A short one"]
     losses = refusal.text_losses(tiny, texts, max_tokens=6, batch_size=2)  # right-padded batches, cut to 6 tokens
     reference = copy.deepcopy(tiny.hf_model).double()
-    for text, ids, loss in zip(texts, text_token_ids(tiny, texts, 6), losses, strict=True):
+    for ids, loss in zip(text_token_ids(tiny, texts, 6), losses, strict=True):
         assert len(ids) <= 6
         with torch.no_grad():
             logits = reference(input_ids=torch.tensor([ids])).logits[0]
@@ -36,7 +36,8 @@ def test_text_losses_match_a_float64_reference(tiny):
         nll = -logprobs[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].mean()
         assert loss == pytest.approx(float(nll), abs=1e-4)
     summary = refusal.loss_summary({"baseline": losses, "ablation": [x + 1 for x in losses]})
-    assert summary["baseline"]["n"] == 3 and summary["ablation"]["loss"] == pytest.approx(summary["baseline"]["loss"] + 1)
+    assert summary["baseline"]["n"] == 3
+    assert summary["ablation"]["loss"] == pytest.approx(summary["baseline"]["loss"] + 1)
     assert summary["ablation_minus_baseline"]["difference"] == pytest.approx(1.0)
 
 

@@ -19,7 +19,8 @@ def test_notebook_02_selects_and_saves_then_03_orthogonalizes_it_without_selecti
     heatmaps = [f for f in figures(nb) if {t["type"] for t in f["data"]} == {"heatmap"}]
     assert len(heatmaps) == 2 and len(heatmaps[0]["data"]) == 3  # the selection's, then the candidates' cosines
     titles = [f["layout"]["title"]["text"] for f in figures(nb)]
-    assert any(t.startswith("Refusal after ablation vs KL") for t in titles) and "Where the direction is expressed" in titles
+    assert any(t.startswith("Refusal after ablation vs KL") for t in titles)
+    assert "Where the direction is expressed" in titles
     assert any("Loss on general text" in "".join(c.source) or "loss_summary" in c.source for c in nb.cells)
     tables = [o for c in nb.cells for o in c.get("outputs", []) if "text/html" in o.get("data", {})]
     assert any("direction ablated" in o["data"]["text/html"] for o in tables)

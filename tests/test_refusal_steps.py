@@ -41,7 +41,8 @@ def steps(tiny, small):
 def test_settings_defaults_and_checks():
     settings = refusal.RefusalSettings(out="x")
     assert (settings.n_train, settings.n_val, settings.n_test, settings.max_new_tokens, settings.layer_step,
-            settings.batch_size, settings.outlier_ratio, settings.eval_sets) == (128, 32, 64, 128, 1, 64, 10.0, ["test"])
+            settings.batch_size, settings.outlier_ratio, settings.eval_sets) == \
+        (128, 32, 64, 128, 1, 64, 10.0, ["test"])
     assert settings.model == "embedded-refuser" and settings.to_dict()["judge"] == "substring_judge"
     with pytest.raises(ValueError, match="above 1"):
         refusal.RefusalSettings(out="x", outlier_ratio=0.5)
