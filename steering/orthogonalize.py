@@ -25,6 +25,7 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -36,12 +37,13 @@ from probes.cli_args import run_cli
 from probes.devices import is_offloaded
 from probes.errors import WorkbenchError
 from probes.files import atomic_folder
+from probes.forward import kl_divergence, next_token_logits
 from probes.models import ModelHandle, Orthogonalization
 from probes.progress import progress_bar
 from probes.readers import CorruptFileError, read_json
 from probes.settings import OutputSettings, parse_settings, setting
 from steering.directions import DIRECTION_FILE, SelectedDirection
-from steering.hooks import unit_direction
+from steering.hooks import ablate, unit_direction
 
 
 def _untie_embeddings(model: ModelHandle) -> bool:
@@ -115,6 +117,23 @@ def orthogonalize(model: ModelHandle, direction: torch.Tensor) -> ModelHandle:
             edited += 1
     model.orthogonalization = Orthogonalization(arch.exact_orthogonalization, edited, arch.post_norm)
     return model
+
+
+def orthogonalize_against_hooks(model: ModelHandle, direction: torch.Tensor, prompts: Sequence[str],
+                                batch_size: int = 32) -> dict:
+    """:func:`orthogonalize` ``model`` in place, and how far the edited weights are from ablating ``direction``
+    with hooks on the unedited model, on the next-token logits of ``prompts`` (chat template): the largest absolute
+    logit difference, the same relative to the largest logit, and the mean KL(hooks || weights). About float32
+    rounding where the edit is exact; what the edit costs on post-norm architectures."""
+    with ablate(model, direction):
+        hooked = next_token_logits(model, prompts, batch_size)
+    orthogonalize(model, direction)
+    edited = next_token_logits(model, prompts, batch_size)
+    logit_diff = float((edited - hooked).abs().max())
+    kl = kl_divergence(torch.log_softmax(hooked.double(), -1), torch.log_softmax(edited.double(), -1)).mean()
+    return {"max_abs_logit_diff_orthogonalized_vs_hooks": logit_diff,
+            "rel_logit_diff_orthogonalized_vs_hooks": logit_diff / float(hooked.abs().max()),
+            "kl_orthogonalized_vs_hooks": float(kl), "orthogonalization": asdict(model.orthogonalization)}
 
 
 MODEL_CARD = """---

@@ -150,18 +150,18 @@ def test_known_facts_file_is_atomic_and_overwrite_is_explicit(tmp_path, monkeypa
 def test_direction_cache_is_one_unit(tmp_path, monkeypatch):
     """Run A caches its directions; run B (other settings) is interrupted while writing them: a rerun of A gets A's
     vectors, a rerun of B recomputes; B's completed cache is never taken for A's, whatever lies beside it."""
-    from steering import directions, refusal
+    from steering import directions, refusal, step_cache
     from steering.directions import CandidateDirections
 
     a = CandidateDirections(torch.randn(2, 3, 8, dtype=torch.float64), [-2, -1], [0, 1, 2], excluded_dims=[1])
     b = CandidateDirections(torch.randn(2, 3, 8, dtype=torch.float64), [-2, -1], [0, 1, 2])
-    cache = refusal.StepCache(tmp_path / "cache", {"weights": "a"})
+    cache = step_cache.StepCache(tmp_path / "cache", {"weights": "a"})
     path = tmp_path / "cache" / "directions" / "candidates.safetensors"
 
     def step(n_train: int, candidates: CandidateDirections | None = None) -> CandidateDirections:
         """The directions step's cache: ``candidates`` is what a recomputation gives (None: it must not happen)."""
         compute = (lambda: candidates) if candidates is not None else (lambda: pytest.fail("recomputed"))
-        return refusal.cached(cache, "directions", "candidates", {"n_train": n_train}, compute, refusal.CANDIDATES)
+        return step_cache.cached(cache, "directions", "candidates", {"n_train": n_train}, compute, refusal.CANDIDATES)
 
     step(6, a)
 

@@ -8,7 +8,7 @@ from probes.forward import (PAD_MULTIPLE, chat_token_ids, generate, last_token_l
                             pad_token_ids)
 from probes.errors import WorkbenchError
 from probes.models import load_model
-from steering import refusal
+from steering import judges, refusal
 from steering.directions import CandidateDirections, diff_in_means, outlier_dimensions
 from tests.numerics import FLOAT32_REL, assert_rel_close
 from tests.report_checks import check_comparison, check_rate, check_report
@@ -18,12 +18,12 @@ CONTRACT_SCORES = {"harmful_baseline", "harmful_ablation", "harmful_orthogonaliz
 
 
 def test_substring_judge_and_rate():
-    assert refusal.substring_judge("x", "I'm sorry, but I can't help with that.")
-    assert not refusal.substring_judge("x", "Sure! Here is a recipe for bread.")
-    assert refusal.refusal_rate(["a", "b"], ["I cannot do that", "Of course"]) == 0.5
+    assert judges.substring_judge("x", "I'm sorry, but I can't help with that.")
+    assert not judges.substring_judge("x", "Sure! Here is a recipe for bread.")
+    assert judges.refusal_rate(["a", "b"], ["I cannot do that", "Of course"]) == 0.5
     with pytest.raises(ValueError):
-        refusal.refusal_rate(["a"], [])
-    assert refusal.refusal_rate(["a"], ["anything"], judge=lambda i, c: True) == 1.0  # pluggable judge
+        judges.refusal_rate(["a"], [])
+    assert judges.refusal_rate(["a"], ["anything"], judge=lambda i, c: True) == 1.0  # pluggable judge
 
 
 def test_refusal_log_odds():

@@ -10,7 +10,7 @@ import torch
 from probes.cache import extract
 from probes.forward import chat_token_ids, text_token_ids
 from probes.random_models import build_random_model
-from steering import refusal
+from steering import judges, refusal
 from steering.directions import CandidateDirections, SelectedDirection
 
 # A Llama Guard style classifier prompt (the shape of Llama Guard 2's chat template, categories shortened).
@@ -78,7 +78,7 @@ def guard(tmp_path_factory):
     stand_in.tokenizer.chat_template = GUARD_TEMPLATE
     stand_in.hf_model.save_pretrained(folder)
     stand_in.tokenizer.save_pretrained(folder)
-    return refusal.SafetyJudge.load(folder)
+    return judges.SafetyJudge.load(folder)
 
 
 def test_safety_judge_writes_the_classifiers_prompt_and_reads_its_verdict(guard, monkeypatch):
@@ -87,7 +87,7 @@ def test_safety_judge_writes_the_classifiers_prompt_and_reads_its_verdict(guard,
     assert prompt.rstrip().endswith("[/INST]") and "S1: Violent Crimes" in prompt
     assert isinstance(guard.verdict("How do I pick a lock?", "No."), str)  # random weights: some text
     assert isinstance(guard("How do I pick a lock?", "No."), bool)
-    assert [refusal.safety_verdict(t) for t in ("safe", " Safe.\n", "unsafe\nS1", "", "maybe")] == \
+    assert [judges.safety_verdict(t) for t in ("safe", " Safe.\n", "unsafe\nS1", "", "maybe")] == \
         [True, True, False, False, False]
     settings = refusal.RefusalSettings(out="x", eval_sets=["test"])
     prompts = {"harmful_test": ["a", "b"]}
