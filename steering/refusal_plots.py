@@ -10,8 +10,17 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from probes.files import write_figure
-from probes.report import (DIFFERENCE_COLUMNS, RATE_COLUMNS, REPORT, Page, Table, difference_cells, interval,
-                           rate_cells, write_report)
+from probes.report import (
+    DIFFERENCE_COLUMNS,
+    RATE_COLUMNS,
+    REPORT,
+    Page,
+    Table,
+    difference_cells,
+    interval,
+    rate_cells,
+    write_report,
+)
 
 if TYPE_CHECKING:
     from steering.refusal import CandidateScore

@@ -4,9 +4,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from probes.forward import (PAD_MULTIPLE, chat_token_ids, generate, last_token_logits, next_token_logprobs, pad_id,
-                            pad_token_ids)
 from probes.errors import WorkbenchError
+from probes.forward import (
+    PAD_MULTIPLE,
+    chat_token_ids,
+    generate,
+    last_token_logits,
+    next_token_logprobs,
+    pad_id,
+    pad_token_ids,
+)
 from probes.models import load_model
 from steering import judges, refusal
 from steering.directions import CandidateDirections, diff_in_means, outlier_dimensions

@@ -21,7 +21,7 @@ def test_batched_selection_equals_one_candidate_at_a_time(tiny, candidates):
     alone = refusal.score_candidates(tiny, candidates, HARMFUL, HARMLESS, batch_size=2, mix_candidates=False,
                                      progress=False)
     assert [(s.position, s.layer) for s in mixed] == [(s.position, s.layer) for s in alone]
-    for a, b in zip(mixed, alone):
+    for a, b in zip(mixed, alone, strict=True):
         assert a.ablation_refusal == pytest.approx(b.ablation_refusal, abs=1e-4)
         assert a.addition_refusal == pytest.approx(b.addition_refusal, abs=1e-4)
         assert a.kl == pytest.approx(b.kl, abs=1e-5)
@@ -54,7 +54,8 @@ def test_select_prefers_kept_candidates():
          refusal.CandidateScore(-1, 5, -2.0, 0.5, 0.02, True)]
     assert refusal.select(s) is s[2]
     # nothing kept: the KL filter is relaxed among candidates that both induce and remove refusal
-    loose = [refusal.CandidateScore(-1, 2, -9.0, -3.0, 7.0, False), refusal.CandidateScore(-1, 9, -2.0, 3.0, 0.3, False),
+    loose = [refusal.CandidateScore(-1, 2, -9.0, -3.0, 7.0, False),
+             refusal.CandidateScore(-1, 9, -2.0, 3.0, 0.3, False),
              refusal.CandidateScore(-1, 8, -4.0, 3.0, 0.5, False), refusal.CandidateScore(-2, 8, 1.0, 2.0, 0.05, False)]
     assert refusal.select(loose) is loose[1]
     assert refusal.select(loose[3:]) is loose[3]

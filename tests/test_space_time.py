@@ -26,7 +26,7 @@ def test_cli_writes_the_contract(embedded, tmp_path, monkeypatch):
                                                     out=tmp_path).to_dict()
     assert set(results["datasets"]) == {"world_place", "art"}
     assert not (tmp_path / "results.json.tmp").exists()
-    for name, entry in results["datasets"].items():
+    for entry in results["datasets"].values():
         assert CONTRACT <= set(entry)
         assert len(entry["r2"]) == len(entry["layers"]) == len(entry["spearman"]) == embedded.n_layers + 1
         assert entry["best_r2"] == pytest.approx(max(entry["r2"]))
