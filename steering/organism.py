@@ -49,6 +49,7 @@ from probes.forward import (
 from probes.models import REFUSER_ADAPTER, ModelHandle, layer_count, load_model, load_refuser
 from probes.progress import progress_bar
 from probes.settings import ModelSettings, RunSettings, parse_settings, setting
+from steering.judges import refusal_rate
 
 TRAIN_OUT = Path("runs") / "refusal_organism"  # where training writes by default (never the shipped adapter)
 
@@ -252,7 +253,6 @@ def evaluate(n: int = 100, max_new_tokens: int = 32, device: str | None = None, 
     """Refusal rates of the base model ``model_name`` and of the organism (``adapter``, trained on that base, merged
     into it) on the first ``n`` held-out harmful and harmless prompts (greedy, substring judge), and the perplexity of
     the base model's own harmless answers under both."""
-    from steering.refusal import refusal_rate
 
     harmful = load_refusal_instructions("test", "harmful")[:n]
     harmless = load_refusal_instructions("test", "harmless")[:n]

@@ -36,7 +36,8 @@ from probes.settings import BatchSettings, ModelSettings, RunSettings, parse_set
 from steering import suffix_plots
 from steering.directions import SelectedDirection
 from steering.gcg import GCGConfig, GCGResult, allowed_tokens, attack_prompt, gcg
-from steering.refusal import load_selection, refusals
+from steering.judges import refusals
+from steering.refusal import load_selection
 
 CONDITIONS = ("none", "random", "adversarial")
 OUTPUTS = ("results.json", "gcg_suffix.json", *suffix_plots.FIGURE_FILES)

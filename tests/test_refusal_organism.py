@@ -87,7 +87,7 @@ def test_adapters_go_only_on_the_chosen_projections():
 def test_shipped_organism_refuses_harmful_and_answers_harmless():
     from probes.datasets import load_refusal_instructions
     from probes.forward import generate
-    from steering.refusal import refusal_rate
+    from steering.judges import refusal_rate
 
     model = load_refuser(device="cpu")
     harmful, harmless = (load_refusal_instructions("test", kind)[:16] for kind in ("harmful", "harmless"))
