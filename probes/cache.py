@@ -312,11 +312,17 @@ class _TokenSink:
     def __init__(self, lengths: list[int], n_hooks: int, d: int, dtype: torch.dtype, device: torch.device):
         self.starts = [0, *itertools.accumulate(lengths)]
         self.acts = torch.empty(self.starts[-1], n_hooks, d, dtype=dtype, device=device)
+        self._rows: torch.Tensor | None = None
+        self._index: torch.Tensor | None = None
 
     def write(self, rows: torch.Tensor, slot: int, values: torch.Tensor) -> None:
-        """``values`` [n_real_tokens, d]: the tokens of ``rows``, row after row."""
-        index = torch.cat([torch.arange(self.starts[r], self.starts[r + 1]) for r in rows.tolist()])
-        self.acts[index.to(self.acts.device), slot] = values.to(self.acts.device, self.acts.dtype)
+        """``values`` [n_real_tokens, d]: the tokens of ``rows``, row after row (the token index is built once per
+        batch, not once per hook)."""
+        if rows is not self._rows:
+            self._rows = rows
+            self._index = torch.cat([torch.arange(self.starts[r], self.starts[r + 1]) for r in rows.tolist()]
+                                    ).to(self.acts.device)
+        self.acts[self._index, slot] = values.to(self.acts.device, self.acts.dtype)
 
 
 class _MeanSink:
@@ -496,7 +502,8 @@ def extract(model: ModelHandle, prompts: Sequence[str], hooks: Sequence[str] | N
             "n_prompts": n, "width": width, "prompts_sha256": _prompts_digest(plan.prompts, spans),
             "weights": weights_fingerprint(model)}
     if plan.spec == "all":
-        return _extract_tokens(model, plan, meta, dtype, device, budget, padding_side, progress, pad_multiple)
+        return _extract_tokens(model, plan, meta, dtype, device, row_bytes, budget, padding_side, progress,
+                               pad_multiple)
     if n * row_bytes > budget:
         if spill_dir is None:
             raise ValueError(f"the cache needs {n * row_bytes / 2**30:.2f} GiB, over the device budget of "
@@ -511,11 +518,12 @@ def extract(model: ModelHandle, prompts: Sequence[str], hooks: Sequence[str] | N
 
 
 def _extract_tokens(model: ModelHandle, plan: _Plan, meta: dict, dtype: torch.dtype, device: torch.device,
-                    budget: float, padding_side: str, progress: bool, pad_multiple: int) -> ActivationCache:
-    """Every real token of every prompt, in memory on ``device`` (too many for the budget: read fewer prompts per
-    call)."""
+                    token_bytes: int, budget: float, padding_side: str, progress: bool, pad_multiple: int
+                    ) -> ActivationCache:
+    """Every real token of every prompt, in memory on ``device`` (``token_bytes`` per token; too many for the
+    budget: read fewer prompts per call)."""
     lengths = [len(ids) for ids in plan.input_ids]
-    n_bytes = sum(lengths) * len(plan.hooks) * meta["width"] * torch.empty((), dtype=dtype).element_size()
+    n_bytes = sum(lengths) * token_bytes
     if n_bytes > budget:
         raise ValueError(f"every token of these prompts needs {n_bytes / 2**30:.2f} GiB, over the device budget of "
                          f"{budget / 2**30:.2f} GiB: extract fewer prompts per call")

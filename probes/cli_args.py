@@ -170,27 +170,6 @@ def format_layers(layers: list[int] | None) -> str:
     return ",".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in runs)
 
 
-def add_placement_args(parser: argparse.ArgumentParser) -> None:
-    """``--device-map``, ``--max-memory`` and ``--offload-folder``: spread a model too large for one device over
-    several GPUs, the CPU and disk with accelerate (see :func:`probes.models.load_model`)."""
-    parser.add_argument("--device-map", type=device_map_arg, default=None,
-                        help="spread the model over devices: auto, balanced, balanced_low_0, sequential, or a JSON "
-                             "file mapping module names to devices (0, cpu, disk); instead of --device")
-    parser.add_argument("--max-memory", type=max_memory_arg, default=None,
-                        help="memory per device for --device-map, e.g. 0=20GiB,1=20GiB,cpu=60GiB")
-    parser.add_argument("--offload-folder", default=None,
-                        help="folder for the weights that fit on no device (disk offload)")
-
-
-def placement(args: argparse.Namespace) -> dict:
-    """:func:`probes.models.load_model` keyword arguments from :func:`add_placement_args`'s options; a memory limit
-    or an offload folder alone means ``--device-map auto``."""
-    device_map = args.device_map
-    if device_map is None and (args.max_memory or args.offload_folder):
-        device_map = "auto"
-    return {"device_map": device_map, "max_memory": args.max_memory, "offload_folder": args.offload_folder}
-
-
 def device_map_arg(text: str) -> str | dict:
     """argparse type: a device-map mode, or a JSON file holding ``{module name: device}``."""
     from probes.models import DEVICE_MAP_MODES

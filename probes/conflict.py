@@ -19,7 +19,7 @@ from typing import Callable, Literal, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from probes.cli_args import positive_int
+from probes.cli_args import name_list, positive_int
 from probes.datasets import ENTITY_DATASETS, NQSWAP_COLUMNS, load_entities
 from probes.files import atomic_file, check_not_shipped
 from probes.forward import generate
@@ -419,7 +419,7 @@ def _save_answers(candidates: Sequence[ConflictExample], answers: Sequence[str],
 
 def _kind_list(text: str) -> list[str]:
     """``--kinds``: comma-separated keys of :data:`FACT_KINDS`."""
-    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    kinds = name_list(text)
     unknown = [k for k in kinds if k not in FACT_KINDS]
     if unknown or not kinds:
         raise argparse.ArgumentTypeError(f"unknown or no fact kinds {unknown or text!r}; known: {','.join(FACT_KINDS)}")
@@ -435,7 +435,7 @@ class ConflictSettings(ModelSettings, RunSettings, BatchSettings):
     rows_per_kind: int | None = setting(KNOWN_FACTS_N, "most popular rows read per fact kind", parse=positive_int)
     max_per_kind: int | None = setting(KNOWN_FACTS_MAX_PER_KIND, "known facts kept per kind, the most popular first "
                                        "(keeps one kind from dominating)", parse=positive_int)
-    batch_size: int = setting(16, "prompts per forward pass (answered at once)", parse=positive_int)
+    batch_size: int = setting(ANSWER_BATCH, "prompts per forward pass (answered at once)", parse=positive_int)
     out: Path | None = setting(None, "the file to write (default: data/known_facts/<model>.jsonl.gz)", parse=Path)
     answers: Path | None = setting(None, "also write every candidate's closed-book answer here (gzip JSON lines)",
                                    parse=Path)

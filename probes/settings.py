@@ -26,7 +26,7 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
-from probes.cli_args import ArgumentParser, UsageError, add_placement_args, device_map_arg, max_memory_arg, positive_int
+from probes.cli_args import ArgumentParser, UsageError, device_map_arg, max_memory_arg, positive_int
 
 S = TypeVar("S", bound="Settings")
 
@@ -105,10 +105,12 @@ class ModelSettings(Settings):
     device: str | None = setting(None, "device for the model, e.g. cpu, cuda, cuda:1 (default: cuda if available)")
     dtype: str | None = setting(None, "the model's dtype: float32, bfloat16 or float16 (default: float32)",
                                 choices=("float32", "bfloat16", "float16"))
-    device_map: str | dict | None = setting(None, "spread the model over devices with accelerate",
-                                            parse=device_map_arg)
-    max_memory: dict | None = setting(None, "memory per device for --device-map", parse=max_memory_arg)
-    offload_folder: str | None = setting(None, "folder for weights that fit on no device")
+    device_map: str | dict | None = setting(None, "spread the model over devices: auto, balanced, balanced_low_0, "
+                                                  "sequential, or a JSON file mapping module names to devices (0, "
+                                                  "cpu, disk); instead of --device", parse=device_map_arg)
+    max_memory: dict | None = setting(None, "memory per device for --device-map, e.g. 0=20GiB,1=20GiB,cpu=60GiB",
+                                      parse=max_memory_arg)
+    offload_folder: str | None = setting(None, "folder for the weights that fit on no device (disk offload)")
 
     def placement(self) -> dict:
         """:func:`probes.models.load_model` keyword arguments; a memory limit or an offload folder alone means
@@ -145,9 +147,6 @@ class BatchSettings(Settings):
     batch_size: int = setting(32, "prompts per forward pass", parse=positive_int)
 
 
-_PLACEMENT = ("device_map", "max_memory", "offload_folder")
-
-
 def flag_name(field: dataclasses.Field) -> str:
     """The command-line flag of a settings field."""
     return field.metadata.get("flag") or "--" + field.name.replace("_", "-")
@@ -172,11 +171,7 @@ def build_parser(cls: type[Settings], description: str | None = None) -> Argumen
     parser = ArgumentParser(description)
     hints = typing.get_type_hints(cls)
     fields = [f for f in dataclasses.fields(cls) if f.metadata.get("cli", True)]
-    if any(f.name in _PLACEMENT for f in fields):
-        add_placement_args(parser)
     for field in fields:
-        if field.name in _PLACEMENT:
-            continue
         flag, default = flag_name(field), _default(field)
         help_text = field.metadata.get("help", "")
         if _is_bool(field, hints):
@@ -227,6 +222,7 @@ def check_torchrun_safe(cls: type[Settings]) -> None:
     """Raise if a flag of ``cls`` is a torchrun option or a prefix of one: torchrun's parser would take it, or
     refuse the command as ambiguous, before ours sees it."""
     ours = {o for a in build_parser(cls)._actions for o in a.option_strings if o.startswith("--")} - {"--help"}
-    clashes = sorted({o for o in ours for t in torchrun_options() if t.startswith(o)})
+    theirs = torchrun_options()
+    clashes = sorted({o for o in ours for t in theirs if t.startswith(o)})
     if clashes:
         raise ValueError(f"{cls.__name__}: flags {clashes} clash with torchrun's options")

@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from probes.cache import default_batch_tokens, extract, extract_group_means, residual_hooks
-from probes.cli_args import max_memory_arg, placement
+from probes.cli_args import max_memory_arg
 from probes.devices import OutOfMemory, follow, is_offloaded
 from probes.errors import WorkbenchError
 from probes.forward import chat_token_ids, generate, pad_id, pad_token_ids
 from probes.models import ModelLoadError, load_model
+from probes.settings import ModelSettings
 from steering.hooks import ablate, add
 from steering.orthogonalize import orthogonalize
 from steering.spare import edit_last_token
@@ -166,8 +167,9 @@ def test_placement_options():
     assert max_memory_arg("0=20GiB, 1=20GiB,cpu=60GiB") == {0: "20GiB", 1: "20GiB", "cpu": "60GiB"}
     with pytest.raises(argparse.ArgumentTypeError):
         max_memory_arg("20GiB")
-    args = argparse.Namespace(device_map=None, max_memory={"cpu": "1GiB"}, offload_folder=None)
-    assert placement(args)["device_map"] == "auto"
+    assert ModelSettings(max_memory={"cpu": "1GiB"}).placement()["device_map"] == "auto"
+    assert ModelSettings(offload_folder="/tmp/x").placement()["device_map"] == "auto"
+    assert ModelSettings().placement()["device_map"] is None
 
 
 def test_refusal_pipeline_refuses_offloaded_weights_before_any_work(spread, tmp_path):
