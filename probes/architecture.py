@@ -427,7 +427,7 @@ def architecture(bridge, hf_model: torch.nn.Module, d_model: int) -> Architectur
 
 
 # ----------------------------------------------------------------------------------------------- MLP readers
-MLP_NEURON_ROLES = {"in": "in", "gate": "gate", "out": "out"}  # the adapter's roles of a dense MLP's projections
+MLP_NEURON_ROLES = ("in", "gate", "out")  # the adapter's roles of a dense MLP's projections
 
 
 def _neuron_rows(module: torch.nn.Module, name: str, arch: str, output: bool) -> torch.Tensor:
@@ -462,7 +462,7 @@ def mlp_neuron_weights(bridge, hf_model: torch.nn.Module, layer: int) -> dict[st
         if role in MLP_NEURON_ROLES:
             path = f"{base}.{sub.name}"
             module = _submodule(hf_model, path, arch, "the MLP projection")
-            out[MLP_NEURON_ROLES[role]] = _neuron_rows(module, path, arch, role == "out")
+            out[role] = _neuron_rows(module, path, arch, role == "out")
     if "in" not in out or "out" not in out:
         raise _unsupported(arch, f"its MLP {base} maps no input or no output projection ({sorted(subs)})")
     return out

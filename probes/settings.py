@@ -48,12 +48,15 @@ class Settings:
     ``super().__post_init__()``."""
 
     def __post_init__(self) -> None:
-        """Paths given as strings (from Python or a notebook) become :class:`Path`."""
+        """Paths given as strings (from Python or a notebook) become :class:`Path`; a field declared with
+        ``choices`` refuses any other value (from Python as from the command line)."""
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
+            value, choices = getattr(self, f.name), f.metadata.get("choices")
             if isinstance(value, str) and Path in (hints[f.name], *typing.get_args(hints[f.name])):
                 setattr(self, f.name, Path(value))
+            if choices is not None and value is not None and value not in choices:
+                raise ValueError(f"{f.name} must be one of {tuple(choices)}, got {value!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """Every field as a JSON value (paths as strings, tuples as lists; Python-only fields by name)."""

@@ -104,7 +104,7 @@ def pca_analysis(acts: torch.Tensor, data: EntityData, best_layer: int, ks: Sequ
     """Test R² (and Spearman for time) of ridge on the top-k principal components, every k and layer; at the best
     layer against k with the explained-variance ratio, and the layer curve for ``layer_curve_k``."""
     y, train, test = _split(data, acts.device)
-    pca = PCAProbe([*ks, acts.shape[-1]], alphas).fit(acts[train], y[train])
+    pca = PCAProbe(ks, alphas).fit(acts[train], y[train])
     pred = pca.predict(acts[test])  # [K, L, n_test, t]
     r2 = [_floats(r2_score(y[test], p)) for p in pred]
     out = {"ks": pca.ks_, "r2": r2, "explained_variance_ratio": pca.explained_variance_ratio_.tolist(),

@@ -150,8 +150,6 @@ class OrganismSettings(ModelSettings, RunSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.harmless_objective not in ("ce", "kl"):
-            raise ValueError(f"harmless_objective must be 'ce' or 'kl', got {self.harmless_objective!r}")
         if self.layers is not None and not self.layers:
             raise ValueError("layers must be a non-empty list of decoder blocks (None: all)")
 

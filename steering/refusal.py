@@ -85,9 +85,15 @@ def _normalized(text: str) -> str:
 def held_out(instructions: Sequence[str]) -> list[str]:
     """``instructions`` without those (case and whitespace folded) in a train or validation split, which the
     directions and the organism (``steering.organism``, trained on the train splits) were made from."""
-    seen = {_normalized(i) for kind in REFUSAL_KINDS for split in ("train", "val")
-            for i in load_refusal_instructions(split, kind)}
+    seen = _seen_instructions()
     return [i for i in instructions if _normalized(i) not in seen]
+
+
+@functools.cache
+def _seen_instructions() -> frozenset[str]:
+    """Every train and validation instruction, folded; read once per process (each paper set asks for it)."""
+    return frozenset(_normalized(i) for kind in REFUSAL_KINDS for split in ("train", "val")
+                     for i in load_refusal_instructions(split, kind))
 
 
 def _paper_set(name: str) -> list[str]:
@@ -621,9 +627,14 @@ def base_model_comparison(base: ModelHandle, settings: RefusalSettings, prompts:
 
 def general_texts(n: int) -> dict[str, list[str]]:
     """The first ``n`` distinct Wikipedia passages of NQ-Swap (its original contexts) and ``n`` headlines."""
-    wikipedia = list(dict.fromkeys(load_nqswap()["org_context"].astype(str)))[:n]
-    headlines = pd.read_csv(DATA_DIR / "headlines.csv.gz")["headline"].astype(str).tolist()[:n]
-    return {"wikipedia": wikipedia, "headlines": headlines}
+    return {source: list(texts[:n]) for source, texts in _general_corpus().items()}
+
+
+@functools.cache
+def _general_corpus() -> dict[str, tuple[str, ...]]:
+    """All the general texts, read once per process (a run scores them before and after the edit)."""
+    return {"wikipedia": tuple(dict.fromkeys(load_nqswap()["org_context"].astype(str))),
+            "headlines": tuple(pd.read_csv(DATA_DIR / "headlines.csv.gz")["headline"].astype(str))}
 
 
 @torch.inference_mode()

@@ -113,8 +113,6 @@ class SAESettings(Settings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.architecture not in ARCHITECTURES:
-            raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
         if min(self.d_sae, self.sae_batch_tokens, self.epochs, self.lr, self.dead_window) <= 0 \
                 or min(self.l1, self.aux, self.l1_warm_up_fraction, self.lr_decay_fraction) < 0:
             raise ValueError(f"d_sae, sae_batch_tokens, epochs, lr and dead_window must be positive, l1, aux and the "

@@ -160,3 +160,14 @@ def test_sae_training_defaults_are_the_shipped_saes_settings():
         k: getattr(defaults, k) for k in ("architecture", "d_sae", "epochs", "lr", "normalize", "k")}
     assert (trained["batch_size"], trained["aux_coefficient"]) == (defaults.sae_batch_tokens, defaults.aux)
     assert trained["dead_window_steps"] == -(-defaults.dead_window // defaults.sae_batch_tokens)
+
+
+def test_a_field_with_choices_refuses_other_values_from_python_too():
+    from probes.settings import ModelSettings
+    from steering.organism import OrganismSettings
+
+    with pytest.raises(ValueError, match=r"dtype must be one of \('float32', 'bfloat16', 'float16'\), got 'float64'"):
+        ModelSettings(dtype="float64")
+    with pytest.raises(ValueError, match="harmless_objective must be one of"):
+        OrganismSettings(harmless_objective="mse")
+    assert ModelSettings(dtype="bfloat16").dtype == "bfloat16" and ModelSettings().dtype is None
