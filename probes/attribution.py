@@ -54,10 +54,15 @@ class Attribution:
     def top_heads(self, k: int, position: int = -1) -> list[tuple[int, int, float]]:
         """The ``k`` heads adding most along r̂ at ``positions[position]``: (layer, head, attribution), largest
         first."""
-        values = self.heads[..., position]
-        order = values.flatten().argsort(descending=True)[:k]
-        n_heads = values.shape[1]
-        return [(int(i) // n_heads, int(i) % n_heads, float(values.flatten()[i])) for i in order]
+        return top_heads(self.heads[..., position], k)
+
+
+def top_heads(values: torch.Tensor, k: int) -> list[tuple[int, int, float]]:
+    """The ``k`` largest entries of a per-head table ``values`` [layers, heads]: (layer, head, value), largest
+    first."""
+    flat = values.flatten()
+    return [(int(i) // values.shape[1], int(i) % values.shape[1], float(flat[i]))
+            for i in flat.argsort(descending=True)[:k]]
 
 
 def _capture(model: ModelHandle, ids: Sequence[int], names: Sequence[str]) -> dict[str, torch.Tensor]:

@@ -148,9 +148,7 @@ def neuron_analysis(neurons: torch.Tensor, data: EntityData, ks: Sequence[int] =
     y = _targets(data, neurons.device)
     train = torch.as_tensor(~data.is_test, device=neurons.device)
     x = neurons.double()
-    xc = x[train] - x[train].mean(0)
-    yc = y[train] - y[train].mean(0)
-    corr = (xc.T @ yc) / (xc.norm(dim=0)[:, None] * yc.norm(dim=0)[None, :]).clamp(min=1e-12)  # [neurons, t]
+    corr = analyses.neuron_target_correlation(neurons, y, train)  # [neurons, t]
     score = corr.abs().max(dim=1).values
     order = torch.argsort(score, descending=True)
     top = {name: {"neuron": int(torch.argmax(corr[:, t].abs())), "correlation": float(corr[:, t].abs().max())}

@@ -519,11 +519,17 @@ def _unit(vector: torch.Tensor) -> torch.Tensor:
 
 def expression(model: ModelHandle, instructions: Sequence[str], direction: torch.Tensor, layers: Sequence[int],
                excluded_dims: Sequence[int] = ()) -> torch.Tensor:
+    """:func:`expression_of_ids` of the instructions in the chat template: [n, len(layers)] float64."""
+    return expression_of_ids(model, chat_token_ids(model, instructions), direction, layers, excluded_dims)
+
+
+def expression_of_ids(model: ModelHandle, ids: Sequence[Sequence[int]], direction: torch.Tensor,
+                      layers: Sequence[int], excluded_dims: Sequence[int] = ()) -> torch.Tensor:
     """Cosine between ``direction`` and the last-token residual stream entering each of ``layers`` (read by
     :func:`probes.cache.extract`), with the dimensions the direction leaves out left out of the activations too:
     [n, len(layers)] float64."""
-    acts = extract(model, chat_token_ids(model, instructions), hooks=[f"blocks.{layer}.hook_resid_pre"
-                   for layer in layers], positions="last", progress=False).acts.double().cpu()  # [n, L, d]
+    acts = extract(model, ids, hooks=[f"blocks.{layer}.hook_resid_pre" for layer in layers], positions="last",
+                   progress=False).acts.double().cpu()  # [n, L, d]
     acts[..., list(excluded_dims)] = 0
     return (acts @ _unit(direction).cpu()) / acts.norm(dim=-1).clamp_min(1e-12)
 

@@ -24,8 +24,7 @@ from typing import Sequence
 
 import torch
 
-from probes.attribution import attention_mass, attention_patterns, attribute
-from probes.cache import extract
+from probes.attribution import attention_mass, attention_patterns, attribute, top_heads
 from probes.cli_args import positive_int, run_cli
 from probes.datasets import load_refusal_instructions
 from probes.files import atomic_write_json, prepare_run_folder
@@ -37,7 +36,7 @@ from steering import suffix_plots
 from steering.directions import SelectedDirection
 from steering.gcg import GCGConfig, GCGResult, allowed_tokens, attack_prompt, gcg
 from steering.judges import refusals
-from steering.refusal import load_selection
+from steering.refusal import expression_of_ids, load_selection
 
 CONDITIONS = ("none", "random", "adversarial")
 OUTPUTS = ("results.json", "gcg_suffix.json", *suffix_plots.FIGURE_FILES)
@@ -89,11 +88,7 @@ def condition_ids(model: ModelHandle, instructions: Sequence[str], suffixes: dic
 
 def expression(model: ModelHandle, ids: list[list[int]], selected: SelectedDirection) -> torch.Tensor:
     """Cosine of r̂ with the last token's stream entering every block, r̂'s left-out dimensions left out: [n, L]."""
-    acts = extract(model, ids, hooks=[f"blocks.{layer}.hook_resid_pre" for layer in range(model.n_layers)],
-                   positions="last", progress=False).acts.double().cpu()
-    acts[..., list(selected.excluded_dims)] = 0
-    r = selected.vector.double().cpu()
-    return (acts @ (r / r.norm())) / acts.norm(dim=-1).clamp_min(1e-12)
+    return expression_of_ids(model, ids, selected.vector, range(model.n_layers), selected.excluded_dims)
 
 
 def head_attributions(model: ModelHandle, ids: list[list[int]], selected: SelectedDirection) -> torch.Tensor:
@@ -162,9 +157,7 @@ def measure(model: ModelHandle, settings: SuffixAttackSettings, selected: Select
     refused = {c: refusals(instructions, texts[c]) for c in CONDITIONS}
     cos = {c: expression(model, ids[c], selected) for c in CONDITIONS}
     att = {c: head_attributions(model, ids[c], selected) for c in CONDITIONS}
-    mean = att["none"].mean(0)
-    order = mean.flatten().argsort(descending=True)[:settings.top_heads]
-    heads = [(int(i) // mean.shape[1], int(i) % mean.shape[1]) for i in order]
+    heads = [(layer, head) for layer, head, _ in top_heads(att["none"].mean(0), settings.top_heads)]
     spans = [instruction_span(model, text) for text in instructions]
     attn = {c: attention_split(model, ids[c], spans, len(suffixes[c]), heads) for c in CONDITIONS}
     summary = _summaries(refused, cos, att, attn, int(selected.layer or 0), heads)
