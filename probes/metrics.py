@@ -1,5 +1,7 @@
 """Scores for probes, computed in float64 torch on the device of the inputs (numpy arrays and lists go to the CPU,
-or to the device of the first tensor argument), and open-domain-QA exact match of short answers."""
+or to the device of the first tensor argument): R², correlations, proximity error, AUROC and AUPRC of classifier
+scores (one row per layer at once), bootstrap intervals over rows or held-out groups; and open-domain-QA exact
+match of short answers."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import re
 import unicodedata
 from typing import Sequence
 
+import numpy as np
 import torch
 
 EARTH_RADIUS_KM = 6371.0
@@ -203,6 +206,141 @@ def _percentile_interval(values: torch.Tensor) -> tuple[float, float]:
     """The 2.5th and 97.5th percentiles (linear interpolation, as numpy's default) of the resampled statistics."""
     low, high = torch.quantile(values, torch.tensor([0.025, 0.975], dtype=F64, device=values.device))
     return float(low), float(high)
+
+
+# ------------------------------------------------------------------------------------------ classification areas
+
+AREAS = ("auroc", "auprc")
+
+
+def roc_auc(scores, labels) -> torch.Tensor | float:
+    """Area under the ROC curve, exactly scikit-learn's ``roc_auc_score``: the chance that a positive scores above
+    a negative, a tie counting one half (average ranks). scores: [n] (returns a float) or [L, n], one row per layer
+    (returns a float64 tensor [L] on the scores' device); labels: 0/1, [n] shared by all rows or one per row."""
+    return _area(scores, labels, "auroc")
+
+
+def average_precision(scores, labels) -> torch.Tensor | float:
+    """Average precision, exactly scikit-learn's ``average_precision_score``: Σ_k (R_k - R_(k-1))·P_k over the
+    distinct scores as thresholds, high to low, tied scores entering together (no interpolation). Shapes as
+    :func:`roc_auc`. A chance-level scorer gets the positive rate, not 0.5."""
+    return _area(scores, labels, "auprc")
+
+
+def _area(scores, labels, metric: str) -> torch.Tensor | float:
+    s, y = _scored(scores, labels)
+    order, first, last = _ranked(s)
+    ys = y.expand_as(s).gather(-1, order)
+    area = _area_sorted(ys, torch.ones_like(ys), first, last, metric)
+    return area if s.dim() == 2 else float(area)
+
+
+def _scored(scores, labels) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores [n] or [L, n] and 0/1 labels ([n] or the scores' shape) as float64 on the scores' device, checked:
+    no NaN score, both classes in every row."""
+    s = _f64(scores)
+    y = _f64(labels, s.device)
+    if s.dim() not in (1, 2) or y.shape not in (s.shape, s.shape[-1:]):
+        raise ValueError(f"scores must be [n] or [n_layers, n] and labels [n] (or the scores' shape), got scores "
+                         f"{tuple(s.shape)} and labels {tuple(y.shape)}")
+    if torch.isnan(s).any():
+        raise ValueError("scores contain NaN")
+    if not torch.all((y == 0) | (y == 1)):
+        raise ValueError("labels must be 0 and 1")
+    positives = y.sum(-1)
+    if torch.any(positives == 0) or torch.any(positives == y.shape[-1]):
+        raise ValueError("labels must contain both classes (0 and 1) in every row: the area is undefined otherwise")
+    return s, y
+
+
+def _ranked(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ascending order of each row of s [..., n], and for each sorted position the positions of the first and
+    the last member of its group of tied scores [..., n]."""
+    order = torch.argsort(s, dim=-1)
+    v = s.gather(-1, order)
+    n = v.shape[-1]
+    index = torch.arange(n, device=s.device).expand_as(v)
+    starts = torch.ones_like(v, dtype=torch.bool)
+    starts[..., 1:] = v[..., 1:] != v[..., :-1]
+    ends = torch.ones_like(starts)
+    ends[..., :-1] = starts[..., 1:]
+    first = torch.where(starts, index, 0).cummax(-1).values
+    last = torch.where(ends, index, n).flip(-1).cummin(-1).values.flip(-1)
+    return order, first, last
+
+
+def _area_sorted(y: torch.Tensor, w: torch.Tensor, first: torch.Tensor, last: torch.Tensor, metric: str
+                 ) -> torch.Tensor:
+    """AUROC or AUPRC of rows sorted by ascending score, with tie groups ``first``/``last`` (from :func:`_ranked`)
+    and integer row weights w (how many times a row counts, as after a resample; broadcasting with y) [..., n].
+    Weights act as copies of the rows, so resamples need no gathering of rows."""
+    pos = w * y
+    w = w.expand_as(pos)
+    neg = w - pos
+    first, last = first.expand_as(pos), last.expand_as(pos)
+
+    def before(values: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+        """The sum of values at sorted positions < at."""
+        cum = torch.cat([torch.zeros_like(values[..., :1]), values.cumsum(-1)], -1)
+        return cum.gather(-1, at)
+
+    if metric == "auroc":  # positives' weight times the negatives below them, ties counting one half
+        below = before(neg, first)
+        tied = before(neg, last + 1) - below
+        return (pos * (below + 0.5 * tied)).sum(-1) / (pos.sum(-1) * neg.sum(-1))
+    # auprc: each positive contributes the precision at its own score taken as the threshold (score >= it)
+    tp_above = pos.sum(-1, keepdim=True) - before(pos, first)
+    all_above = w.sum(-1, keepdim=True) - before(w, first)
+    precision = torch.where(pos > 0, tp_above / all_above.clamp(min=1e-300), 0.0)
+    return (pos * precision).sum(-1) / pos.sum(-1)
+
+
+def bootstrap_auc(scores, labels, groups=None, metric: str = "auroc", n_resamples: int = 2000, seed: int = 0,
+                  max_block: int = 1 << 22) -> dict | list[dict]:
+    """AUROC (:func:`roc_auc`) or AUPRC (:func:`average_precision`) of held-out scores with a 95% percentile
+    interval from resampling the held-out *groups* with replacement (seeded, so reruns agree): all rows of a drawn
+    group come together, so rows that share a source (the prompts of one question, say) do not count as
+    independent. Without ``groups`` each row is its own group.
+
+    scores: [n] or [L, n] (one row per layer; every layer sees the same resamples); labels: [n] 0/1; groups: [n]
+    of any hashable labels. A resample that draws only one class has no area: it is skipped and counted in
+    ``n_skipped``, and the interval comes from the others. Resamples are scored as row weights (how many times each
+    row was drawn), in blocks of at most ``max_block`` values. Returns, for [n] scores, ``{"metric", "value",
+    "ci95": [low, high], "n", "n_groups", "n_resamples", "n_skipped", "seed"}``; for [L, n] a list of them.
+    """
+    if metric not in AREAS:
+        raise ValueError(f"metric must be one of {AREAS}, got {metric!r}")
+    s, y = _scored(scores, labels)
+    if y.dim() != 1:
+        raise ValueError(f"labels must be [n] (the same held-out rows for every layer), got {tuple(y.shape)}")
+    codes, n_groups = _group_codes(groups, len(y), y.device)
+    rows = s if s.dim() == 2 else s[None]
+    order, first, last = _ranked(rows)
+    value = _area_sorted(y[order], torch.ones_like(rows), first, last, metric)
+    draws = _resample_rows(n_groups, n_resamples, seed, y.device)
+    counts = torch.zeros(n_resamples, n_groups, dtype=F64, device=y.device).scatter_add_(
+        1, draws, torch.ones_like(draws, dtype=F64))
+    weights = counts[:, codes]  # [R, n]: how many times each row was drawn
+    kept = weights[((weights @ y) > 0) & ((weights @ (1 - y)) > 0)]
+    if len(kept) == 0:
+        raise ValueError(f"all {n_resamples} resamples drew a single class; more groups of both classes are needed")
+    per_block = max(1, max_block // rows.numel())
+    areas = torch.cat([_area_sorted(y[order], w[:, order], first, last, metric) for w in kept.split(per_block)])
+    entries = [{"metric": metric, "value": float(value[i]), "ci95": list(_percentile_interval(areas[:, i])),
+                "n": len(y), "n_groups": n_groups, "n_resamples": n_resamples,
+                "n_skipped": n_resamples - len(kept), "seed": seed} for i in range(len(rows))]
+    return entries if s.dim() == 2 else entries[0]
+
+
+def _group_codes(groups, n: int, device: torch.device) -> tuple[torch.Tensor, int]:
+    """Group labels [n] (any hashable values; None: one group per row) as codes 0..G-1 on ``device``, and G."""
+    if groups is None:
+        return torch.arange(n, device=device), n
+    values = groups.cpu().numpy() if isinstance(groups, torch.Tensor) else np.asarray(groups)
+    if values.shape != (n,):
+        raise ValueError(f"groups must be [n] with n = {n} (as the scores), got shape {values.shape}")
+    _, codes = np.unique(values, return_inverse=True)
+    return torch.as_tensor(codes.reshape(-1), device=device), int(codes.max()) + 1
 
 
 # ---------------------------------------------------------------------------------------------------- exact match
