@@ -81,6 +81,17 @@ class Writer:
     approximate: str | None = None
 
 
+# Families whose attention and MLP writer modules output exactly the bridge's hook_attn_out / hook_mlp_out
+# (checked on random-weights models; tests/test_cache.py checks one of each kind of block). Elsewhere the output is
+# scaled later (Granite's residual multiplier), shaped otherwise (Llama-4's flattened MoE output), summed with a
+# parallel branch's bias (Cohere) or holds the residual (BLOOM), so those are read through the bridge.
+COMPONENT_OUTPUTS_CHECKED = frozenset({
+    "LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM", "Phi3ForCausalLM",
+    "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Olmo2ForCausalLM", "GPT2LMHeadModel", "GPTNeoXForCausalLM",
+    "GPTJForCausalLM", "FalconForCausalLM", "MixtralForCausalLM", "Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM",
+    "DeepseekV3ForCausalLM", "Glm4MoeForCausalLM"})
+
+
 @dataclass
 class Architecture:
     """The residual-stream layout of one model: blocks, writers, LoRA targets."""
@@ -90,6 +101,15 @@ class Architecture:
     block_path: str
     writers: list[Writer]
     lora_targets: list[str]  # leaf module names of the attention and dense MLP projections
+
+    def component_output(self, layer: int, kind: str) -> torch.nn.Module | None:
+        """The one module whose forward output is block ``layer``'s ``kind`` ("attn" or "mlp") output as added to
+        the residual stream (the bridge's ``hook_attn_out`` / ``hook_mlp_out``), or None where there is no single
+        such module, or its output is not known to equal the hook (:data:`COMPONENT_OUTPUTS_CHECKED`)."""
+        found = [w for w in self.writers if w.layer == layer and w.kind == kind]
+        if len(found) != 1 or self.name not in COMPONENT_OUTPUTS_CHECKED:
+            return None
+        return found[0].module
 
     @property
     def post_norm(self) -> bool:
@@ -484,6 +504,29 @@ def attention_head_outputs(bridge, hf_model: torch.nn.Module, layer: int) -> tup
     weight = _neuron_rows(module, path, arch, True)  # [n_heads * d_head, d_model]
     bias = getattr(module, "bias", None)
     return weight.reshape(bridge.cfg.n_heads, -1, weight.shape[-1]), None if bias is None else bias.detach()
+
+
+def final_norm_and_unembedding(bridge, hf_model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The final norm after the last block (the adapter's ``ln_final``) and the unembedding (Hugging Face's
+    ``get_output_embeddings()``, else the adapter's ``unembed``): early-exit logits of a hidden state ``h`` are
+    ``unembedding(norm(h))``. Whatever the model's forward does to its logits after the unembedding (Granite's
+    ``logits_scaling``, Cohere's ``logit_scale``, Gemma-2's final soft-capping) is not in these modules."""
+    arch = type(hf_model).__name__
+    mapping = getattr(getattr(bridge, "adapter", None), "component_mapping", None) or {}
+    if "ln_final" not in mapping:
+        raise _unsupported(arch, "its adapter maps no final norm ('ln_final') in front of the unembedding")
+    norm = _submodule(hf_model, mapping["ln_final"].name, arch, "the final norm")
+    unembed = hf_model.get_output_embeddings()
+    if unembed is None and "unembed" in mapping:
+        unembed = _submodule(hf_model, mapping["unembed"].name, arch, "the unembedding")
+    if unembed is None:
+        raise _unsupported(arch, "it has no output embeddings (get_output_embeddings() is None) and its adapter "
+                                 "maps no 'unembed'")
+    d_model = hf_model.config.get_text_config().hidden_size
+    if getattr(unembed, "in_features", d_model) != d_model:
+        raise _unsupported(arch, f"its unembedding reads {unembed.in_features} features, not d_model={d_model} "
+                                 "(a projection such as OPT's project_out sits in front of it)")
+    return norm, unembed
 
 
 # ------------------------------------------------------------------------------------------ calling conventions

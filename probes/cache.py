@@ -35,6 +35,7 @@ from probes.readers import check_safetensors, read_json
 
 FORMAT_VERSION = 1
 RESIDUAL_HOOK = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
+COMPONENT_HOOK = re.compile(r"^blocks\.(\d+)\.hook_(attn|mlp)_out$")
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
 
@@ -407,8 +408,7 @@ def _run(model: ModelHandle, plan: _Plan, sink, padding_side: str, progress: boo
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     device = model.device
-    resid = [RESIDUAL_HOOK.match(h) for h in plan.hooks]
-    fast = all(resid)
+    points = _plain_points(model, plan.hooks)
     state: dict = {}
 
     def store(slot: int, hidden: torch.Tensor, last: bool) -> None:
@@ -417,9 +417,8 @@ def _run(model: ModelHandle, plan: _Plan, sink, padding_side: str, progress: boo
             raise _StopForward
 
     with contextlib.ExitStack() as stack:
-        if fast:
-            _add_layer_hooks(stack, model.architecture.blocks, [(int(m.group(1)), m.group(2)) for m in resid],
-                             store)
+        if points is not None:
+            _add_layer_hooks(stack, model.architecture.blocks, points, store)
             forward = model.hf_model
         else:
             _add_bridge_hooks(stack, model, plan.hooks, store)
@@ -447,14 +446,48 @@ def _run(model: ModelHandle, plan: _Plan, sink, padding_side: str, progress: boo
                 halving.run(batch, run_batch)
 
 
-def _add_layer_hooks(stack: contextlib.ExitStack, layers, points: list[tuple[int, str]], store) -> None:
-    """Hooks on the plain decoder layers (:func:`probes.architecture.on_residual`); the latest point in the network
-    stops the pass."""
-    stop_at = max(points, key=lambda p: (p[0], p[1] == "post"))
-    for slot, (layer, kind) in enumerate(points):
-        def read(hidden, slot=slot, last=(layer, kind) == stop_at) -> None:
+def _plain_points(model: ModelHandle, hooks: Sequence[str]) -> list[tuple[int, str | torch.nn.Module]] | None:
+    """Where each hook point sits on the plain model: (layer, "pre" | "post") on the residual stream, or (layer,
+    module) for an attention or MLP output read from the module that writes it
+    (:meth:`probes.architecture.Architecture.component_output`); None when some hook needs the bridge."""
+    points = []
+    for hook in hooks:
+        if m := RESIDUAL_HOOK.match(hook):
+            points.append((int(m.group(1)), m.group(2)))
+        elif (m := COMPONENT_HOOK.match(hook)) and \
+                (module := model.architecture.component_output(int(m.group(1)), m.group(2))) is not None:
+            points.append((int(m.group(1)), module))
+        else:
+            return None
+    return points
+
+
+def _add_layer_hooks(stack: contextlib.ExitStack, layers, points: list[tuple[int, str | torch.nn.Module]],
+                     store) -> None:
+    """Hooks on the plain decoder layers (:func:`probes.architecture.on_residual`) and on the modules writing
+    attention and MLP outputs; the pass stops after the latest point in the network (a block's output, or the
+    stream entering a block when nothing is read further on)."""
+    def rank(point):
+        return point[0], point[1] != "pre"
+
+    stop_at = max(points, key=rank)
+    for slot, (layer, where) in enumerate(points):
+        is_last = (layer, where) == stop_at and isinstance(where, str)
+
+        def read(hidden, slot=slot, last=is_last) -> None:
             store(slot, hidden, last)
-        stack.callback(on_residual(layers[layer], kind, read).remove)
+        if isinstance(where, str):
+            stack.callback(on_residual(layers[layer], where, read).remove)
+        else:
+            stack.callback(where.register_forward_hook(
+                lambda module, args, output, read=read: read(output[0] if isinstance(output, tuple) else output)
+            ).remove)
+    if not isinstance(stop_at[1], str):  # a component output is last: stop once its block is done
+        stack.callback(on_residual(layers[stop_at[0]], "post", lambda hidden: _raise_stop()).remove)
+
+
+def _raise_stop():
+    raise _StopForward
 
 
 def _add_bridge_hooks(stack: contextlib.ExitStack, model: ModelHandle, hooks: list[str], store) -> None:

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from probes import cache
 from probes.cache import (
     ActivationCache,
     CacheError,
@@ -11,7 +12,7 @@ from probes.cache import (
 )
 from probes.forward import pad_id, pad_token_ids
 from probes.positions import mark_span
-from tests.numerics import assert_rel_close
+from tests.numerics import assert_rel_close, rel_err
 
 PROMPTS = ["The Eiffel Tower is located in the city of", "Hi there", "What is the location of the Golden Gate Bridge?",
            "Tokyo is the capital of"]
@@ -212,3 +213,33 @@ def test_extract_cli_on_a_prompt_file(embedded, tmp_path, monkeypatch):
     cache = ActivationCache.load(tmp_path / "run" / "activations.safetensors", embedded.device, prompts=PROMPTS,
                                  positions=[-2, -1])
     assert len(cache) == len(PROMPTS)
+
+
+# One family of each kind of block on the list (plain, post-norms, parallel attention and MLP, MoE, MLA); the rest
+# of probes.architecture.COMPONENT_OUTPUTS_CHECKED was checked the same way once, by hand.
+CHECKED_PRESETS = ("llama-tiny", "gemma2", "gpt_neox", "qwen2_moe", "deepseek_v3")
+
+
+def test_attention_and_mlp_outputs_read_on_the_plain_model_equal_the_bridge_hooks(monkeypatch):
+    """The fast path reads hook_attn_out / hook_mlp_out from the writer modules; on every family allowed to, that
+    equals the bridge's own hooks (the slow path), and a family outside the list (Granite) takes the bridge."""
+    from probes.architecture import COMPONENT_OUTPUTS_CHECKED
+    from probes.models import load_model
+
+    prompts = ["the cat sat on the mat", "a b c", "hello world, this is a longer text"]
+    classes = set()
+    for preset in (*CHECKED_PRESETS, "granite"):
+        model = load_model(f"random:{preset}", device="cpu")
+        hooks = [h for layer in range(model.n_layers) for h in (f"blocks.{layer}.hook_attn_out",
+                                                                 f"blocks.{layer}.hook_mlp_out")]
+        plain = cache._plain_points(model, hooks)
+        assert (plain is not None) == (preset != "granite")
+        if plain is None:
+            continue
+        classes.add(type(model.hf_model).__name__)
+        fast = cache.extract(model, prompts, hooks=hooks + ["blocks.0.hook_resid_post"], progress=False).acts
+        with monkeypatch.context() as m:
+            m.setattr(cache, "_plain_points", lambda *args: None)
+            slow = cache.extract(model, prompts, hooks=hooks + ["blocks.0.hook_resid_post"], progress=False).acts
+        assert rel_err(fast, slow) < 1e-5, preset
+    assert classes <= COMPONENT_OUTPUTS_CHECKED and len(classes) == len(CHECKED_PRESETS)
