@@ -12,6 +12,7 @@ from typing import Callable, ContextManager, Mapping, Sequence
 
 import pandas as pd
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from probes.devices import Halving
 from probes.errors import as_list
@@ -167,6 +168,40 @@ def _first_line(text: str) -> str:
     return text.strip().split("\n", 1)[0].strip()
 
 
+_LINE_TABLES: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def _line_tables(tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per token id: whether its text holds a line break, holds non-blank text, and holds non-blank text followed
+    by a line break (computed once per tokenizer)."""
+    key = id(tokenizer)
+    if key not in _LINE_TABLES:
+        texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+        _LINE_TABLES[key] = tuple(torch.tensor(flags) for flags in zip(
+            *[("\n" in t, t.strip() != "", "\n" in t.lstrip()) for t in texts], strict=True))
+    return _LINE_TABLES[key]
+
+
+class FirstLineDone(StoppingCriteria):
+    """Stops generation once every row's first line (after leading whitespace, as :func:`_first_line` cuts it) is
+    complete: a line break has followed some non-blank text. What a row generates after that is cut anyway, so the
+    answers are those of a run to ``max_new_tokens``, sooner."""
+
+    def __init__(self, tokenizer):
+        self.breaks, self.text, self.closes = _line_tables(tokenizer)
+        self.seen, self.done = None, None
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        token = input_ids[:, -1].cpu()
+        if self.seen is None:
+            self.seen = torch.zeros(len(token), dtype=torch.bool)
+            self.done = torch.zeros(len(token), dtype=torch.bool)
+        token = token.clamp(max=len(self.breaks) - 1)
+        self.done |= (self.seen & self.breaks[token]) | self.closes[token]
+        self.seen |= self.text[token]
+        return self.done.to(input_ids.device)
+
+
 @torch.inference_mode()
 def generate(model: ModelHandle, prompts: Sequence[str], max_new_tokens: int = 32, batch_size: int = 32,
              progress: bool = True, temperature: float = 0.0, seed: int = 0, chat: bool = True,
@@ -201,8 +236,10 @@ def generate_from_ids(model: ModelHandle, ids: Sequence[Sequence[int]], max_new_
 
     def run(rows: list[int]) -> None:
         input_ids, mask = pad_token_ids([ids[i] for i in rows], pad_id(model), "left", model.device)
+        stop = StoppingCriteriaList([FirstLineDone(model.tokenizer)] if first_line else [])
         new = model.hf_model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                      pad_token_id=model.tokenizer.pad_token_id, **sampling)[:, input_ids.shape[1]:]
+                                      pad_token_id=model.tokenizer.pad_token_id, stopping_criteria=stop,
+                                      **sampling)[:, input_ids.shape[1]:]
         for i, text in zip(rows, model.tokenizer.batch_decode(new, skip_special_tokens=True), strict=True):
             out[i] = _first_line(text) if first_line else text
         bar.update(len(rows))
@@ -226,3 +263,26 @@ def side_by_side(model: ModelHandle, instructions: Sequence[str],
         with edit() if edit else contextlib.nullcontext():
             columns[name] = generate(model, columns["instruction"], max_new_tokens, progress=progress)
     return pd.DataFrame(columns)
+
+
+@torch.inference_mode()
+def answer_token_nll(model: ModelHandle, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 16
+                     ) -> torch.Tensor:
+    """Mean cross-entropy per token of each answer after its raw-text prompt (no chat template; the answer is
+    tokenized on its own, so give it its leading space), teacher-forced: [n] float32 on the CPU."""
+    prompts, answers = as_list(prompts, "prompts"), as_list(answers, "answers")
+    if len(prompts) != len(answers) or not answers:
+        raise ValueError("need one answer per prompt, and at least one")
+    targets = [model.tokenizer(a, add_special_tokens=False)["input_ids"] for a in answers]
+    if any(not t for t in targets):
+        raise ValueError("every answer needs at least one token")
+    pairs = list(zip(text_token_ids(model, prompts), targets, strict=True))
+    out = []
+    for i in range(0, len(pairs), batch_size):
+        batch = answer_batch(pairs[i:i + batch_size], pad_id(model), model.device)
+        logits = model.hf_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2).float(), labels,
+                                                ignore_index=IGNORE, reduction="none")
+        out.append((nll.sum(1) / (labels != IGNORE).sum(1)).cpu())
+    return torch.cat(out)
