@@ -109,6 +109,34 @@ def test_batched_generation_equals_one_at_a_time(tiny):
         generate(tiny, [], chat=False)
 
 
+def test_first_line_answers_stop_once_the_line_is_complete(tiny):
+    """Forced continuation "\n", " Paris", "\n", ...: a leading line break does not end the answer, the one after
+    "Paris" does, and generation stops there (3 steps, not 8) with the answer a full run gives."""
+    tok = tiny.tokenizer
+    newline = tok("\n", add_special_tokens=False)["input_ids"][-1]
+    forced = [newline, tok(" Paris", add_special_tokens=False)["input_ids"][0], newline]
+    steps = []
+
+    def force(module, args, logits):
+        step = len(steps)
+        steps.append(step)
+        logits = logits.clone()
+        logits[:, -1, forced[min(step, 2)] if step < 3 else forced[1]] += 1e4
+        return logits
+
+    handle = tiny.hf_model.get_output_embeddings().register_forward_hook(force)
+    try:
+        answer = generate(tiny, ["question: x\nanswer:"], max_new_tokens=8, progress=False, chat=False,
+                          first_line=True)
+        stopped_after = len(steps)
+        steps.clear()
+        full = generate(tiny, ["question: x\nanswer:"], max_new_tokens=8, progress=False, chat=False)
+    finally:
+        handle.remove()
+    assert answer == ["Paris"] and stopped_after == 3
+    assert full[0].strip().split("\n")[0] == "Paris" and len(steps) == 8
+
+
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_every_token_extract_equals_hidden_states(tiny, side):
     texts = ["a short one", "a somewhat longer text with more tokens in it", "x"]
