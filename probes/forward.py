@@ -8,6 +8,8 @@ steering hooks of :mod:`steering.hooks` apply. Activations are read by :func:`pr
 from __future__ import annotations
 
 import contextlib
+import copy
+import inspect
 from typing import Callable, ContextManager, Mapping, Sequence
 
 import pandas as pd
@@ -202,20 +204,57 @@ class FirstLineDone(StoppingCriteria):
         return self.done.to(input_ids.device)
 
 
+# A shared prefix shorter than this is recomputed per prompt (caching it would not pay).
+SHARED_PREFIX_MIN = 16
+_IN_SHARED_PREFIX = [False]
+
+
+def in_shared_prefix() -> bool:
+    """True while :func:`generate_from_ids` runs the prompts' shared prefix (once, then reused from its KV cache): an
+    edit of the last prompt token must leave that pass alone, since its last token is not the prompt's."""
+    return _IN_SHARED_PREFIX[0]
+
+
+def common_prefix_length(ids: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens every id list shares."""
+    shortest = min(len(i) for i in ids)
+    for k in range(shortest):
+        if any(i[k] != ids[0][k] for i in ids[1:]):
+            return k
+    return shortest
+
+
+def cache_kwarg(module: torch.nn.Module) -> str:
+    """The name of the KV cache in a model's arguments and outputs: ``cache`` in recent transformers (5.24
+    deprecates ``past_key_values``), else ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+def _prefix_cache(model: ModelHandle, prefix: Sequence[int]):
+    """The KV cache of ``prefix`` (batch 1), computed with :func:`in_shared_prefix` true."""
+    _IN_SHARED_PREFIX[0] = True
+    try:
+        out = model.hf_model(input_ids=torch.tensor([list(prefix)], device=model.device), use_cache=True)
+        return getattr(out, cache_kwarg(model.hf_model))
+    finally:
+        _IN_SHARED_PREFIX[0] = False
+
+
 @torch.inference_mode()
 def generate(model: ModelHandle, prompts: Sequence[str], max_new_tokens: int = 32, batch_size: int = 32,
              progress: bool = True, temperature: float = 0.0, seed: int = 0, chat: bool = True,
-             first_line: bool = False) -> list[str]:
+             first_line: bool = False, share_prefix: bool = False) -> list[str]:
     """Completions of ``prompts`` in the order given: chat-formatted instructions, or with ``chat=False`` raw texts
     (e.g. few-shot prompts); see :func:`generate_from_ids`."""
     ids = chat_token_ids(model, prompts) if chat else text_token_ids(model, prompts)
-    return generate_from_ids(model, ids, max_new_tokens, batch_size, progress, temperature, seed, first_line)
+    return generate_from_ids(model, ids, max_new_tokens, batch_size, progress, temperature, seed, first_line,
+                             share_prefix)
 
 
 @torch.inference_mode()
 def generate_from_ids(model: ModelHandle, ids: Sequence[Sequence[int]], max_new_tokens: int = 32,
                       batch_size: int = 32, progress: bool = True, temperature: float = 0.0, seed: int = 0,
-                      first_line: bool = False) -> list[str]:
+                      first_line: bool = False, share_prefix: bool = False) -> list[str]:
     """Completions of token-id prompts (chat-formatted or plain text), in the order given, in left-padded batches
     of prompts of similar length (an out-of-memory error halves the batch).
 
@@ -223,7 +262,12 @@ def generate_from_ids(model: ModelHandle, ids: Sequence[Sequence[int]], max_new_
     temperature (no top-k or top-p cut). The torch RNG is seeded with ``seed`` either way; sampling runs on a
     forked RNG, so a sampled run is reproducible on the same device with the same batch size and leaves the global
     RNG alone. A completion stops at the end-of-sequence token or after ``max_new_tokens``; with ``first_line`` only
-    its first line is kept (a short answer)."""
+    its first line is kept (a short answer).
+
+    ``share_prefix``: the tokens every prompt starts with (e.g. few-shot demonstrations; all but the last two of the
+    shortest prompt at most) run once and are reused from their KV cache; each row is the prefix, its padding, then
+    the rest of its prompt (positions continue after the prefix). Same answers up to float rounding, several times
+    less compute when the prefix is most of the prompt."""
     if not ids:
         raise ValueError("no prompts to generate from")
     if temperature < 0:
@@ -234,12 +278,23 @@ def generate_from_ids(model: ModelHandle, ids: Sequence[Sequence[int]], max_new_
     sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else \
         dict(do_sample=False)
 
+    shared = min(common_prefix_length(ids), min(len(i) for i in ids) - 2) if share_prefix else 0
+    prefix = _prefix_cache(model, ids[0][:shared]) if shared >= SHARED_PREFIX_MIN else None
+
     def run(rows: list[int]) -> None:
-        input_ids, mask = pad_token_ids([ids[i] for i in rows], pad_id(model), "left", model.device)
+        cut = shared if prefix is not None else 0
+        input_ids, mask = pad_token_ids([ids[i][cut:] for i in rows], pad_id(model), "left", model.device)
+        cache = {}
+        if prefix is not None:  # prefix, padding, rest of the prompt
+            head = torch.tensor([ids[rows[0]][:cut]], device=model.device).expand(len(rows), cut)
+            input_ids, mask = torch.cat([head, input_ids], 1), torch.cat([torch.ones_like(head), mask], 1)
+            name = cache_kwarg(model.hf_model)
+            cache[name] = copy.deepcopy(prefix)
+            cache[name].batch_repeat_interleave(len(rows))
         stop = StoppingCriteriaList([FirstLineDone(model.tokenizer)] if first_line else [])
         new = model.hf_model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                       pad_token_id=model.tokenizer.pad_token_id, stopping_criteria=stop,
-                                      **sampling)[:, input_ids.shape[1]:]
+                                      **cache, **sampling)[:, input_ids.shape[1]:]
         for i, text in zip(rows, model.tokenizer.batch_decode(new, skip_special_tokens=True), strict=True):
             out[i] = _first_line(text) if first_line else text
         bar.update(len(rows))

@@ -164,7 +164,8 @@ def _spare_headline(r: dict) -> list[list[Any]]:
     for target in ("steer_to_context", "steer_to_memory"):
         ems = r.get("exact_match", {}).get(target, {})
         rows += [[f"exact match {target.replace('_', ' ')}, {m}",
-                  f"{v:.3f} {interval(ems[m])} n={ems[m]['n']}" if m in ems else v] for m, v in r[target].items()]
+                  f"{v:.3f} ± {ems[m]['sd']:.3f} over {ems[m]['seeds']} seed(s) {interval(ems[m])} n={ems[m]['n']}"
+                  if m in ems else v] for m, v in r[target].items()]
     return rows
 
 

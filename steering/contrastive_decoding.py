@@ -35,7 +35,6 @@ come back in the order given; an out-of-memory error halves the batch.
 
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Callable, Sequence
 
@@ -43,7 +42,7 @@ import torch
 
 from probes.architecture import final_norm_and_unembedding
 from probes.devices import Halving, execution_device
-from probes.forward import _first_line, pad_id, pad_token_ids, position_ids
+from probes.forward import _first_line, cache_kwarg, pad_id, pad_token_ids, position_ids
 from probes.models import ModelHandle
 from probes.progress import progress_bar
 
@@ -239,12 +238,6 @@ def answer_complete(text: str, first_line: bool) -> bool:
     return first_line and "\n" in text.lstrip()
 
 
-def _cache_kwarg(module: torch.nn.Module) -> str:
-    """The name of the KV cache in the forward's arguments and outputs: ``cache`` in recent transformers (5.24
-    deprecates ``past_key_values``), else ``past_key_values``."""
-    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
-
-
 def _greedy(model: ModelHandle, rows: list[Sequence[int]], groups: int, pick: Picker, max_new_tokens: int,
             first_line: bool, hidden_states: bool = False) -> list[str]:
     """Greedy completions of ``n = len(rows) / groups`` prompts whose ``groups`` conditionings are stacked in
@@ -252,13 +245,13 @@ def _greedy(model: ModelHandle, rows: list[Sequence[int]], groups: int, pick: Pi
     the KV cache; ``pick`` turns the output into each prompt's next token, fed to all its rows."""
     n = len(rows) // groups
     input_ids, mask = pad_token_ids(rows, pad_id(model), "left", model.device)
-    positions, cache, cache_kwarg = position_ids(mask), None, _cache_kwarg(model.hf_model)
+    positions, cache, cache_name = position_ids(mask), None, cache_kwarg(model.hf_model)
     new: list[list[int]] = [[] for _ in range(n)]
     live, stops = [True] * n, stop_ids(model)
     for _ in range(max_new_tokens):
         out = model.hf_model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                             logits_to_keep=1, output_hidden_states=hidden_states, **{cache_kwarg: cache})
-        cache, tokens = out[cache_kwarg], pick(out).to(input_ids.device)
+                             logits_to_keep=1, output_hidden_states=hidden_states, **{cache_name: cache})
+        cache, tokens = out[cache_name], pick(out).to(input_ids.device)
         for i, token in enumerate(tokens.tolist()):
             if live[i]:
                 new[i].append(token)

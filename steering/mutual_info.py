@@ -93,3 +93,24 @@ def select_latents(mi: torch.Tensor | np.ndarray, proportion: float) -> torch.Te
         raise ValueError(f"proportion must be in (0, 1], got {proportion}")
     k = max(1, round(proportion * mi.numel()))
     return mi.topk(k).indices
+
+
+def select_by_share(mi: torch.Tensor | np.ndarray, share: float, expectation: torch.Tensor | np.ndarray
+                    ) -> torch.Tensor:
+    """SpARE's selection (Zhao et al. 2025): the number k of latents that, taken in order of MI, first hold more
+    than ``share`` of the total MI; then the first k latents in MI order among those with MI > 0 and a non-zero
+    ``expectation`` (the difference of the two behaviours' mean activations: its sign says which behaviour a latent
+    is for). Highest MI first."""
+    mi, expectation = torch.as_tensor(mi).double(), torch.as_tensor(expectation).to(torch.as_tensor(mi).device)
+    if mi.ndim != 1 or mi.numel() == 0 or expectation.shape != mi.shape:
+        raise ValueError(f"mi and expectation must be non-empty 1-d tensors of one shape, got {tuple(mi.shape)} "
+                         f"and {tuple(expectation.shape)}")
+    if not 0 < share <= 1:
+        raise ValueError(f"share must be in (0, 1], got {share}")
+    order = mi.argsort(descending=True)
+    total = mi.sum()
+    if total <= 0:
+        raise ValueError("every latent has zero mutual information with the behaviour: nothing to select")
+    k = int((mi[order].cumsum(0) <= share * total).sum()) + 1
+    usable = order[(mi[order] > 0) & (expectation[order] != 0)]
+    return usable[:k]

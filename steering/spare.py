@@ -1,78 +1,47 @@
-"""SpARE (Zhao et al., 2024): steer which knowledge a model uses, its context or its memory, by editing the SAE
-latents that carry the choice.
+"""SpARE (Zhao et al., NAACL 2025): steer which knowledge a model uses, its context or its memory, by editing the
+SAE latents that carry the choice; compared, as the paper does, with contrastive decoding, in-context learning and
+representation engineering.
 
     python -m steering.spare --model embedded --dataset known_facts --out runs/spare
 
-Steps: answer conflict prompts (a context that contradicts a fact) with no edit and group them by behaviour;
-probe every layer for whether the context conflicts with memory; at each SAE's own hook point
-(``cfg.metadata.hook_name``: the residual stream entering or leaving a block), rank latents by mutual information
-with the behaviour and keep the top proportion, split by which behaviour activates them more; at inference, take
-away the undesired behaviour's latents and add the desired one's expected activation there, on the last prompt
-token and on every generated token. Baseline: activation addition of the difference in means between the two
-behaviour groups at the same hook points. Both are tuned on a validation split (the strength, whether generated
-tokens are edited too and, for SpARE, whether the undesired latents are removed or only the desired ones added);
-exact match is reported on a held-out test split.
+This module holds SpARE itself and the command line. At each SAE's own hook point (``cfg.metadata.hook_name``: the
+residual stream entering or leaving a block) the latents are ranked by mutual information with the behaviour
+(:func:`behaviour_latents`) and split by which behaviour activates them more; the edit (:func:`spare_edit`) takes
+away the undesired behaviour's latents and raises the desired one's toward their (confidence-weighted) expected
+activation, at the last prompt token. The other methods are in :mod:`steering.spare_methods`; the protocol (seeds,
+fitting, tuning on validation, test, summary over seeds, conflict probe) in :mod:`steering.spare_protocol`.
 """
 
 from __future__ import annotations
 
-import itertools
+import argparse
 import random
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, Mapping, Sequence
 
 import torch
 
-from probes.cache import extract, residual_hooks
-from probes.cli_args import check_layers, layer_list, number_list, positive_int, run_cli
+from probes.cache import extract
+from probes.cli_args import check_layers, layer_list, name_list, number_list, positive_int, run_cli
 from probes.cli_args import proportion as proportion_arg
 from probes.conflict import (
     ANSWER_BATCH,
-    USES_CONTEXT,
-    USES_MEMORY,
     ConflictExample,
-    conflict_prompts,
-    group_by_behaviour,
-    kind_counts,
 )
-from probes.files import atomic_write_json, prepare_run_folder
-from probes.forward import generate
-from probes.linear import LogisticProbe
-from probes.metrics import exact_match_rate, exact_matches, paired_bootstrap, rate_with_interval
+from probes.files import prepare_run_folder
+from probes.forward import generate, in_shared_prefix
 from probes.models import ModelHandle, layer_count, load_model
-from probes.progress import progress_bar
-from probes.report import Table
 from probes.settings import ModelSettings, RunSettings, parse_settings, setting
 from steering.hooks import replace_residual
-from steering.mutual_info import mutual_information, select_latents
+from steering.mutual_info import mutual_information, select_by_share, select_latents
 
 Target = Literal["context", "memory"]
-# Edit strengths tried on the validation split (the same for SpARE and activation addition).
-STRENGTHS = (0.25, 0.5, 1.0, 2.0, 4.0)
+# Methods of the comparison, in table order (steering.spare_methods.METHODS holds what each one is).
+METHOD_NAMES = ("no_edit", "closed_book", "cad", "dola", "icl", "taskvec", "sea", "actadd", "spare")
+# Edit strengths tried on the validation split (SpARE's α and activation addition's coefficient).
+STRENGTHS = (0.5, 1.0, 2.0)
 Edit = Callable[[torch.Tensor], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class EditSetting:
-    """One point of the validation grid."""
-
-    strength: float
-    remove: bool = True     # SpARE: also take away the undesired behaviour's latents (else only add the desired's)
-    generated: bool = True  # edit every generated token too, not only the last prompt token
-
-    def label(self, method: str) -> str:
-        parts = [f"strength {self.strength:g}"] + (["remove+add" if self.remove else "add only"]
-                                                   if method == "spare" else [])
-        return ", ".join(parts + ["prompt+generated" if self.generated else "prompt only"])
-
-
-def edit_grid(method: str, strengths: Sequence[float] = STRENGTHS, generated: Sequence[bool] = (True, False),
-              remove: Sequence[bool] = (True, False)) -> list[EditSetting]:
-    """Every combination of the settings tried on validation for ``method`` ("spare" or "actadd")."""
-    removes = remove if method == "spare" else (False,)
-    return [EditSetting(s, r, g) for s, r, g in itertools.product(strengths, removes, generated)]
 
 
 @dataclass
@@ -87,39 +56,78 @@ class BehaviourLatents:
     mean_memory: torch.Tensor   # [d_sae] ... from memory
 
 
+def _weighted_mean(z: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Mean of the rows of ``z`` [n, d_sae], weighted by ``weights`` [n] (normalised here) if given."""
+    if weights is None:
+        return z.mean(0)
+    w = torch.as_tensor(weights, dtype=z.dtype, device=z.device)
+    if w.shape != (len(z),) or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"weights must be {len(z)} non-negative numbers, not all zero")
+    return (w / w.sum()) @ z
+
+
 @torch.no_grad()
 def behaviour_latents(sae, acts: torch.Tensor, uses_context: torch.Tensor, layer: int,
-                      proportion: float = 0.01) -> BehaviourLatents:
+                      proportion: float | None = None, mi_share: float | None = 0.07,
+                      weights: torch.Tensor | None = None) -> BehaviourLatents:
     """Rank the SAE's latents on ``acts`` [n, d] (residual stream at the edited position) by mutual information
-    with ``uses_context`` [n] (bool) and split the top ``proportion`` by the group in which each is more active."""
+    with ``uses_context`` [n] (bool) and split the selected ones by the group in which each is more active.
+
+    Selection: in order of MI until they hold ``mi_share`` of the total (the paper's rule,
+    :func:`steering.mutual_info.select_by_share`), or, with ``proportion``, the top proportion by count. Targets:
+    each group's mean activation, weighted by ``weights`` [n] within each group if given (the paper's confidence
+    weights, :func:`confidence_weights`)."""
     uses_context = torch.as_tensor(uses_context, dtype=torch.bool, device=acts.device)
     if uses_context.all() or not uses_context.any():
         raise ValueError("need prompts of both behaviours (some answered from the context, some from memory)")
+    if (proportion is None) == (mi_share is None):
+        raise ValueError("give exactly one of proportion (top latents by count) and mi_share (share of total MI)")
     z = sae.encode(acts.to(sae.W_dec.dtype)).float()
     mi = mutual_information(z, uses_context)
-    top = select_latents(mi, proportion).to(z.device)
-    mean_c, mean_m = z[uses_context].mean(0), z[~uses_context].mean(0)
+    w = None if weights is None else torch.as_tensor(weights, device=z.device)
+    mean_c = _weighted_mean(z[uses_context], None if w is None else w[uses_context])
+    mean_m = _weighted_mean(z[~uses_context], None if w is None else w[~uses_context])
+    if mi_share is not None:
+        top = select_by_share(mi, mi_share, (mean_c - mean_m).to(mi.device)).to(z.device)
+    else:
+        top = select_latents(mi, proportion).to(z.device)
     favours_context = mean_c[top] > mean_m[top]
     return BehaviourLatents(layer, mi.cpu(), top[favours_context], top[~favours_context], mean_c, mean_m)
 
 
-def spare_edit(sae, latents: BehaviourLatents, target: Target, strength: float = 1.0, remove: bool = True) -> Edit:
-    """``h -> delta``: remove the undesired behaviour's active latents (unless ``remove`` is false) and raise the
-    desired behaviour's latents up to their expected activation, both through the SAE decoder, scaled by
-    ``strength``."""
+EDIT_RULES = ("paper", "workbench")
+
+
+def spare_edit(sae, latents: BehaviourLatents, target: Target, strength: float = 1.0, remove: bool = True,
+               rule: str = "paper") -> Edit:
+    """``h -> delta`` through the SAE decoder, with z = the SAE's latents of h, ẑ the targets (expected
+    activations), u the undesired behaviour's latents and d the desired one's:
+
+    - ``rule="paper"`` (Zhao et al. 2025): take away min(α·ẑᵤ, zᵤ) and add max(α·ẑ_d − z_d, 0), α = ``strength``
+      scaling the target;
+    - ``rule="workbench"`` (this workbench's earlier variant): α·(max(ẑ_d − z_d, 0) − zᵤ), the removal skipped
+      unless ``remove``."""
     if target not in ("context", "memory"):
         raise ValueError(f"target must be 'context' or 'memory', got {target!r}")
+    if rule not in EDIT_RULES:
+        raise ValueError(f"rule must be one of {EDIT_RULES}, got {rule!r}")
     # computed on the SAE's device, returned on the hidden state's (they differ on a model spread over devices)
     where = sae.W_dec.device
     keep, drop = (latents.context, latents.memory) if target == "context" else (latents.memory, latents.context)
     keep, drop = keep.to(where), drop.to(where)
-    expected = (latents.mean_context if target == "context" else latents.mean_memory).to(where)[keep]
+    wanted, unwanted = ((latents.mean_context, latents.mean_memory) if target == "context"
+                        else (latents.mean_memory, latents.mean_context))
+    wanted, unwanted = wanted.to(where)[keep], unwanted.to(where)[drop]
     w_keep, w_drop = sae.W_dec[keep].detach().float(), sae.W_dec[drop].detach().float()
 
     @torch.no_grad()
     def edit(h: torch.Tensor) -> torch.Tensor:
         z = sae.encode(h.to(where, sae.W_dec.dtype)).float()
-        delta = (expected - z[:, keep]).clamp(min=0) @ w_keep
+        if rule == "paper":
+            delta = (strength * wanted - z[:, keep]).clamp(min=0) @ w_keep
+            delta = delta - torch.minimum(strength * unwanted, z[:, drop]) @ w_drop
+            return delta.to(h.device, h.dtype)
+        delta = (wanted - z[:, keep]).clamp(min=0) @ w_keep
         if remove:
             delta = delta - z[:, drop] @ w_drop
         return (strength * delta).to(h.device, h.dtype)
@@ -138,7 +146,7 @@ def edit_last_token(model: ModelHandle, edits: Mapping[str, Edit], generated: bo
     counts as a generation step)."""
     def last_only(edit: Edit) -> Callable[[torch.Tensor], torch.Tensor]:
         def replace(hidden: torch.Tensor) -> torch.Tensor:
-            if not generated and hidden.shape[1] == 1:
+            if in_shared_prefix() or (not generated and hidden.shape[1] == 1):
                 return hidden
             hidden = hidden.clone()
             hidden[:, -1] += edit(hidden[:, -1])
@@ -146,18 +154,6 @@ def edit_last_token(model: ModelHandle, edits: Mapping[str, Edit], generated: bo
         return replace
 
     return replace_residual(model, {hook: last_only(edit) for hook, edit in edits.items()})
-
-
-# Methods compared on the same test prompts (paired bootstrap): (name, method, against).
-COMPARISONS = (("spare_vs_no_edit", "spare", "no_edit"), ("spare_vs_actadd", "spare", "actadd"),
-               ("actadd_vs_no_edit", "actadd", "no_edit"))
-
-
-def match_statistics(matches: Mapping[str, Sequence[bool]]) -> tuple[dict, dict]:
-    """Each method's exact match with its n and 95% Wilson interval, and the methods' differences on the same
-    prompts with a paired-bootstrap 95% interval (:data:`COMPARISONS`)."""
-    rates = {m: rate_with_interval(v) for m, v in matches.items()}
-    return rates, {name: paired_bootstrap(matches[a], matches[b]) for name, a, b in COMPARISONS}
 
 
 def split(examples: Sequence[ConflictExample], fractions: tuple[float, float] = (0.6, 0.2), seed: int = 0
@@ -170,21 +166,6 @@ def split(examples: Sequence[ConflictExample], fractions: tuple[float, float] = 
     if not all(parts.values()):
         raise ValueError(f"{len(examples)} examples are too few for a train/val/test split")
     return {k: [examples[i] for i in v] for k, v in parts.items()}
-
-
-def conflict_probe(model: ModelHandle, train: Sequence[ConflictExample], test: Sequence[ConflictExample],
-                   C: float = 1.0, progress: bool = True) -> list[float]:
-    """Test accuracy per layer (embeddings, then after each block) of a logistic probe telling a conflicting
-    (substituted) context from the original one, at the last prompt token."""
-    def data(examples):
-        prompts = conflict_prompts(examples, "sub") + conflict_prompts(examples, "org")
-        acts = extract(model, prompts, hooks=residual_hooks(model), progress=progress).acts.float()
-        return acts, torch.tensor([1] * len(examples) + [0] * len(examples), device=acts.device)
-
-    x_train, y_train = data(train)
-    x_test, y_test = data(test)
-    probe = LogisticProbe(C=C).fit(x_train, y_train)
-    return [float(a) for a in probe.score(x_test, y_test)]
 
 
 def residual_at(model: ModelHandle, prompts: Sequence[str], hooks: Sequence[str], progress: bool = True
@@ -212,40 +193,40 @@ def sae_hooks(model: ModelHandle, saes: Mapping[int, object]) -> dict[int, str]:
 
 @dataclass
 class FittedSteering:
-    """What :func:`fit_steering` learns from the training split: the SpARE latents and activation-addition
-    directions, one per SAE layer, and where each acts; :meth:`edits` turns them into edits."""
+    """What SpARE and activation addition learn from the training split: the latents and the directions, one per
+    SAE layer, and where each acts; :meth:`edits` turns them into edits."""
 
     saes: Mapping[int, object]
     hooks: dict[int, str]  # each SAE's own hook point: where activations were read and where the edits land
     latents: dict[int, BehaviourLatents]
     directions: dict[int, torch.Tensor]  # mean(uses context) - mean(uses memory), residual stream
 
-    def edits(self, method: str, target: Target, strength: float, remove: bool = True) -> dict[str, Edit]:
-        """Edits at every SAE's hook point for ``method`` "spare" or "actadd" toward ``target``."""
+    def edits(self, method: str, target: Target, strength: float, remove: bool = True, rule: str = "paper"
+              ) -> dict[str, Edit]:
+        """Edits at every SAE's hook point for ``method`` "spare" (:func:`spare_edit`) or "actadd" toward
+        ``target``."""
         if method == "spare":
-            return {self.hooks[layer]: spare_edit(self.saes[layer], self.latents[layer], target, strength, remove)
-                    for layer in self.latents}
+            return {self.hooks[layer]: spare_edit(self.saes[layer], latents, target, strength, remove, rule)
+                    for layer, latents in self.latents.items()}
         if method == "actadd":
             sign = 1.0 if target == "context" else -1.0
             return {self.hooks[layer]: add_edit(d, sign * strength) for layer, d in self.directions.items()}
         raise ValueError(f"method must be 'spare' or 'actadd', got {method!r}")
 
 
-def fit_steering(model: ModelHandle, saes: Mapping[int, object], examples: Sequence[ConflictExample],
-                 labels: Sequence[str], proportion: float = 0.01, progress: bool = True) -> FittedSteering:
-    """Latents and directions, at each SAE's hook point, from the training examples answered from the context or
-    from memory."""
-    keep = [i for i, g in enumerate(labels) if g in (USES_CONTEXT, USES_MEMORY)]
-    layers = sorted(saes)
-    hooks = sae_hooks(model, saes)
-    acts = residual_at(model, conflict_prompts([examples[i] for i in keep], "sub"), [hooks[layer] for layer in layers],
-                       progress)
-    uses_context = torch.tensor([labels[i] == USES_CONTEXT for i in keep], device=acts.device)
-    latents = {layer: behaviour_latents(saes[layer], acts[:, j], uses_context, layer, proportion)
-               for j, layer in enumerate(layers)}
-    directions = {layer: acts[uses_context, j].mean(0) - acts[~uses_context, j].mean(0)
-                  for j, layer in enumerate(layers)}
-    return FittedSteering(saes, hooks, latents, directions)
+def fit_steering(saes: Mapping[int, object], hooks: Mapping[int, str], acts: Mapping[str, torch.Tensor],
+                 uses_context: torch.Tensor, proportion: float | None = None, mi_share: float | None = 0.07,
+                 weights: torch.Tensor | None = None) -> FittedSteering:
+    """SpARE's latents (:func:`behaviour_latents`) and activation addition's directions at each SAE's hook point,
+    from the last-token activations ``acts`` (by hook point, [n, d]) of training prompts answered from the context
+    (``uses_context``) or from memory."""
+    latents, directions = {}, {}
+    for layer in sorted(saes):
+        x = acts[hooks[layer]]
+        mask = torch.as_tensor(uses_context, dtype=torch.bool).to(x.device)
+        latents[layer] = behaviour_latents(saes[layer], x, mask, layer, proportion, mi_share, weights)
+        directions[layer] = x[mask].mean(0) - x[~mask].mean(0)
+    return FittedSteering(saes, dict(hooks), latents, directions)
 
 
 def steered_answers(model: ModelHandle, prompts: Sequence[str], edits: Mapping[str, Edit], max_new_tokens: int,
@@ -253,7 +234,8 @@ def steered_answers(model: ModelHandle, prompts: Sequence[str], edits: Mapping[s
     """Greedy answers with ``edits`` (by hook point; none: the unedited model) applied, also to the generated tokens
     if ``generated``."""
     with edit_last_token(model, edits, generated):
-        return generate(model, prompts, max_new_tokens, ANSWER_BATCH, progress, chat=False, first_line=True)
+        return generate(model, prompts, max_new_tokens, ANSWER_BATCH, progress, chat=False, first_line=True,
+                        share_prefix=True)
 
 
 def references(examples: Sequence[ConflictExample], target: Target) -> list[tuple[str, ...]]:
@@ -261,42 +243,33 @@ def references(examples: Sequence[ConflictExample], target: Target) -> list[tupl
     return [e.sub_answers if target == "context" else e.org_answers for e in examples]
 
 
-def steer(model: ModelHandle, fitted: FittedSteering, prompts: Sequence[str], method: str, target: Target,
-          setting: EditSetting, max_new_tokens: int) -> list[str]:
-    """Greedy answers steered by ``method`` toward ``target`` with one grid ``setting``."""
-    edits = fitted.edits(method, target, setting.strength, setting.remove)
-    return steered_answers(model, prompts, edits, max_new_tokens, generated=setting.generated)
+def _method_list(text: str) -> list[str]:
+    """``--methods``: comma-separated names of :data:`METHOD_NAMES`."""
+    names = name_list(text)
+    unknown = [n for n in names if n not in METHOD_NAMES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown or text!r}; choose from {','.join(METHOD_NAMES)}")
+    return names
 
 
-def tune(model: ModelHandle, fitted: FittedSteering, val: Sequence[ConflictExample], method: str, target: Target,
-         grid: Sequence[EditSetting], max_new_tokens: int, progress: bool = True
-         ) -> tuple[EditSetting, dict[str, float]]:
-    """The setting with the best validation exact match for ``target`` (the first of ties, in grid order) and the
-    exact match of every setting, by label."""
-    if not grid:
-        raise ValueError(f"no settings to tune {method} on")
-    prompts, refs = conflict_prompts(val, "sub"), references(val, target)
-    scores = [exact_match_rate(steer(model, fitted, prompts, method, target, setting, max_new_tokens), refs)
-              for setting in progress_bar(grid, desc=f"tune {method} to {target}", progress=progress)]
-    best = max(range(len(grid)), key=scores.__getitem__)
-    return grid[best], {setting.label(method): score for setting, score in zip(grid, scores, strict=True)}
+def _target_list(text: str) -> list[str]:
+    """``--directions``: context, memory or both."""
+    names = name_list(text)
+    if not names or any(n not in ("context", "memory") for n in names):
+        raise argparse.ArgumentTypeError(f"directions must be context and/or memory, got {text!r}")
+    return names
 
 
-@dataclass
-class Experiment:
-    """The split, the unedited behaviour on each part and the latents and directions fitted on the training part."""
-
-    parts: dict[str, list[ConflictExample]]
-    answers: dict[str, list[str]]  # unedited greedy answers on the substituted-context prompts
-    groups: dict[str, list[str]]
-    fitted: FittedSteering
-    max_new_tokens: int  # answer length, the same for every edit compared
+# The paper's protocol (Zhao et al. 2025): the settings that differ from these are listed in results.json.
+PAPER_PROTOCOL = {"demonstrations": "drawn", "shots": 3, "n_seeds": 5, "mi_share": 0.07, "proportion": None,
+                  "targets": "confidence", "edit_rule": "paper", "edit_generated": False}
 
 
 @dataclass(kw_only=True)
 class SpareSettings(ModelSettings, RunSettings):
-    """The conflict examples, the SAEs, the latent selection and the edits tried (``seed``: the split and the
-    sample of examples)."""
+    """The conflict examples, the SAEs, the methods compared and how each is fitted and tuned (``seed``: the split
+    and the sample of examples; the demonstrations are drawn with seeds 0 .. n_seeds - 1). The defaults are the
+    paper's protocol (:data:`PAPER_PROTOCOL`)."""
 
     dataset: str = setting("known_facts", "conflict examples: the model's known facts (built once and cached in "
                                           "data/known_facts) or NQ-Swap", choices=("known_facts", "nqswap"))
@@ -307,108 +280,76 @@ class SpareSettings(ModelSettings, RunSettings):
     sae_release: str | None = setting(None, "SAELens release of pretrained SAEs, e.g. "
                                             "gemma-scope-2b-pt-res-canonical")
     sae_id: str | None = setting(None, "SAE id with {layer}, e.g. 'layer_{layer}/width_16k/canonical'")
-    proportion: float = setting(0.01, "top proportion of latents by mutual information", parse=proportion_arg)
-    strengths: list[float] = setting(list(STRENGTHS), "edit strengths tried on validation, e.g. 0.5,2",
-                                     parse=number_list)
-    tune_n: int | None = setting(None, "validation examples the edit settings are tuned on (default: all of the "
-                                       "split)", parse=positive_int)
+    methods: list[str] = setting(list(METHOD_NAMES), "methods compared, comma-separated", parse=_method_list)
+    directions: list[str] = setting(["context", "memory"], "directions to steer: context, memory or both",
+                                    parse=_target_list)
+    n_seeds: int = setting(5, "seeds of the demonstrations; each reruns everything downstream of the prompts",
+                           parse=positive_int)
+    shots: int = setting(3, "in-context demonstrations per prompt, drawn per seed from the training facts",
+                         parse=positive_int)
+    demonstrations: str = setting("drawn", "the prompt's demonstrations: drawn per seed from the training facts "
+                                           "(the paper), or fixed: the workbench's four hand-written ones",
+                                  choices=("drawn", "fixed"))
+    mi_share: float = setting(0.07, "SpARE takes latents in order of mutual information until they hold this share "
+                                    "of the total", parse=proportion_arg)
+    proportion: float | None = setting(None, "instead of --mi-share: the top proportion of latents by count (the "
+                                             "workbench's earlier rule, e.g. 0.01)", parse=proportion_arg)
+    targets: str = setting("confidence", "SpARE's target activations: confidence-weighted means (the paper) or "
+                                         "plain means", choices=("confidence", "mean"))
+    edit_rule: str = setting("paper", "paper: remove min(a*z_u_hat, z_u), add max(a*z_d_hat - z_d, 0); workbench: "
+                                      "a*(max(z_d_hat - z_d, 0) - z_u), also tried without the removal",
+                             choices=EDIT_RULES)
+    edit_generated: bool = setting(False, "edit every generated token too (the paper edits the last prompt token)")
+    strengths: list[float] = setting(list(STRENGTHS), "SpARE's a and activation addition's coefficient tried on "
+                                                      "validation, e.g. 0.5,2", parse=number_list)
+    cad_alphas: list[float] = setting([0.5, 1.0, 2.0], "CAD's a tried on validation", parse=number_list)
+    dola_buckets: list[str] = setting(["low", "high"], "DoLa's candidate premature layers tried on validation: the "
+                                                       "low and/or high half of the layers", parse=name_list)
+    taskvec_layers: list[int] | None = setting(None, "layers TaskVec is patched in at, tried on validation "
+                                                     "(default: about 30%, 45%, 60% of the depth)", parse=layer_list)
+    sea_keep: list[float] = setting([0.9, 0.99], "SEA's share of the spectrum kept / removed, tried on validation",
+                                    parse=number_list)
+    probe_c: float = setting(0.1, "inverse L1 strength of the conflict probe (scikit-learn's C)", parse=float)
+    tune_n: int | None = setting(None, "validation examples the settings are tuned on (default: all of the split)",
+                                 parse=positive_int)
     max_new_tokens: int = setting(8, "tokens of each greedy answer", parse=positive_int)
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._check_ranges()
+        from steering.spare_methods import METHODS
 
-def prepare(model: ModelHandle, examples: Sequence[ConflictExample], saes: Mapping[int, object],
-            settings: SpareSettings | None = None, progress: bool = True) -> Experiment:
-    """Split, answer every substituted-context prompt unedited, group by behaviour, fit latents and directions
-    (``settings``: its ``seed``, ``proportion`` and ``max_new_tokens``; default :class:`SpareSettings`)."""
-    settings = settings or SpareSettings()
-    if not saes:
-        raise ValueError("need at least one SAE (a mapping layer -> SAE)")
-    sae_hooks(model, saes)  # an SAE that cannot be placed fails here, before the unedited answers are generated
-    parts = split(examples, seed=settings.seed)
-    answers = {k: steered_answers(model, conflict_prompts(v, "sub"), {}, settings.max_new_tokens, progress)
-               for k, v in parts.items()}
-    groups = {k: group_by_behaviour(answers[k], v) for k, v in parts.items()}
-    fitted = fit_steering(model, saes, parts["train"], groups["train"], settings.proportion, progress)
-    return Experiment(parts, answers, groups, fitted, settings.max_new_tokens)
+        for name in self.methods:
+            method = METHODS[name]
+            if not set(method.targets) & set(self.directions):
+                raise ValueError(f"{name} cannot steer toward the {' or '.join(self.directions)}: "
+                                 f"{method.not_applicable}")
+        if self.demonstrations == "fixed" and self.n_seeds > 1:
+            raise ValueError("with fixed demonstrations every seed would answer the same prompts: use --n-seeds 1")
 
+    def _check_ranges(self) -> None:
+        checks = [("strengths", self.strengths, lambda v: v > 0, "> 0"),
+                  ("cad_alphas", self.cad_alphas, lambda v: v >= 0, ">= 0"),
+                  ("sea_keep", self.sea_keep, lambda v: 0 < v <= 1, "in (0, 1]"),
+                  ("dola_buckets", self.dola_buckets, lambda v: v in ("low", "high"), "low or high")]
+        for name, values, ok, rule in checks:
+            bad = [v for v in values if not ok(v)]
+            if bad or not values:
+                raise ValueError(f"{name} must be {rule}, got {bad or values}")
+        if self.probe_c <= 0:
+            raise ValueError(f"probe_c must be > 0, got {self.probe_c}")
 
-def run_outputs() -> tuple[str, ...]:
-    """What a run writes in its folder: the whole set is replaced by the next run (with overwrite)."""
-    from steering.spare_plots import FIGURE_FILES
+    def protocol(self) -> dict:
+        """"paper" when every setting of :data:`PAPER_PROTOCOL` is the paper's, else the ones that differ."""
+        differ = {k: getattr(self, k) for k, v in PAPER_PROTOCOL.items() if getattr(self, k) != v}
+        return {"name": "paper" if not differ else "custom", "differs_from_paper": differ}
 
-    return ("results.json", "plotly.min.js", *FIGURE_FILES)
-
-
-def evaluate(model: ModelHandle, experiment: Experiment, settings: SpareSettings,
-             spare_grid: Sequence[EditSetting] | None = None, actadd_grid: Sequence[EditSetting] | None = None,
-             progress: bool = True) -> dict:
-    """Conflict probe, edit settings tuned on validation (default grids: :func:`edit_grid` of
-    ``settings.strengths``; on its first ``settings.tune_n`` examples if given, to spend less time: every setting
-    answers every tuning prompt), exact match on test; writes ``settings.out/results.json`` (docs/results.md), the
-    figures and the report page. A folder holding a previous run's outputs is refused unless
-    ``settings.overwrite``, which removes them first."""
-    grids = {"actadd": actadd_grid or edit_grid("actadd", settings.strengths),
-             "spare": spare_grid or edit_grid("spare", settings.strengths)}
-    start, out = time.perf_counter(), settings.out
-    prepare_run_folder(out, run_outputs(), settings.overwrite)
-    parts, fitted, max_new_tokens = experiment.parts, experiment.fitted, experiment.max_new_tokens
-    tuning = parts["val"][:settings.tune_n]
-    accuracy = conflict_probe(model, parts["train"], parts["test"], progress=progress)
-    results: dict = {"model": model.name, "dataset": settings.dataset, "layers": list(range(len(accuracy))),
-                     "conflict_probe_accuracy": accuracy, "spare_layers": sorted(fitted.latents),
-                     "sae_hooks": dict(sorted(fitted.hooks.items())),
-                     "n": {**{k: len(v) for k, v in parts.items()}, "tuning": len(tuning)},
-                     "known_facts_kinds": {"all": kind_counts([e for v in parts.values() for e in v]),
-                                           **{k: kind_counts(v) for k, v in parts.items()}},
-                     "behaviour_counts": {k: {g: v.count(g) for g in sorted(set(v))}
-                                          for k, v in experiment.groups.items()},
-                     "latents": {layer: {"context": s.context.tolist(), "memory": s.memory.tolist(),
-                                         "mi": s.mi[torch.cat([s.context, s.memory]).cpu()].tolist()}
-                                 for layer, s in fitted.latents.items()},
-                     "tuning": {}, "settings": settings.to_dict()}
-    test_prompts = conflict_prompts(parts["test"], "sub")
-    for target in ("context", "memory"):
-        refs = references(parts["test"], target)
-        matches = {"no_edit": exact_matches(experiment.answers["test"], refs)}
-        for method, grid in grids.items():
-            best, curve = tune(model, fitted, tuning, method, target, grid, max_new_tokens, progress)
-            results["tuning"][f"{method}_to_{target}"] = {"setting": asdict(best), "label": best.label(method),
-                                                         "val_exact_match": curve}
-            matches[method] = exact_matches(
-                steer(model, fitted, test_prompts, method, target, best, max_new_tokens), refs)
-        results[f"steer_to_{target}"] = {m: sum(v) / len(v) for m, v in matches.items()}
-        rates, comparisons = match_statistics(matches)
-        results.setdefault("exact_match", {})[f"steer_to_{target}"] = rates
-        results.setdefault("comparisons", {})[f"steer_to_{target}"] = comparisons
-    results["seconds"] = time.perf_counter() - start
-    atomic_write_json(out / "results.json", results)
-    from steering import spare_plots
-
-    spare_plots.write_all(results, out)
-    return results
-
-
-def run(model: ModelHandle, examples: Sequence[ConflictExample], saes: Mapping[int, object],
-        settings: SpareSettings, spare_grid: Sequence[EditSetting] | None = None,
-        actadd_grid: Sequence[EditSetting] | None = None, progress: bool = True) -> dict:
-    """The whole experiment on ``examples`` as ``settings`` say: :func:`prepare` then :func:`evaluate` (the folder
-    checked first)."""
-    prepare_run_folder(settings.out, run_outputs(), settings.overwrite)
-    experiment = prepare(model, examples, saes, settings, progress)
-    return evaluate(model, experiment, settings, spare_grid, actadd_grid, progress)
-
-
-def example_answers(model: ModelHandle, experiment: Experiment, results: dict, n: int = 8) -> Table:
-    """The first ``n`` held-out test prompts: the question, the answer its context states, the memorised answer,
-    the unedited answer and SpARE's toward each behaviour with the settings tuned on validation."""
-    test = experiment.parts["test"][:n]
-    prompts = conflict_prompts(test, "sub")
-    steered = [steer(model, experiment.fitted, prompts, "spare", target,
-                     EditSetting(**results["tuning"][f"spare_to_{target}"]["setting"]), experiment.max_new_tokens)
-               for target in ("context", "memory")]
-    rows = zip(test, experiment.answers["test"][:n], *steered, strict=True)
-    return Table("Example answers (held-out test prompts)",
-                 ["question", "context says", "memory", "no edit", "SpARE to context", "SpARE to memory"],
-                 [[e.question, e.sub_answers[0], e.org_answers[0], *answers] for e, *answers in rows])
+    def check_examples(self, n: int) -> None:
+        """Refuse, before the model loads, a number of examples too small to draw demonstrations from."""
+        train = int(n * 0.6)
+        if train < self.shots + 2 or int(n * 0.8) - train < 1:
+            raise ValueError(f"{n} examples leave {train} for training: too few to draw {self.shots} demonstrations "
+                             f"from and fit on the rest; use more --n-examples (at least {5 * (self.shots + 2)})")
 
 
 def load_inputs(model: ModelHandle, settings: SpareSettings) -> tuple[dict[int, object], list[ConflictExample]]:
@@ -468,18 +409,34 @@ def conflict_examples(model: ModelHandle, dataset: str, n: int | None, seed: int
     raise ValueError(f"unknown dataset {dataset!r}; choose known_facts or nqswap")
 
 
-def main(argv: list[str] | None = None) -> dict:
-    settings = parse_settings(SpareSettings, argv, __doc__)
+def check_settings(settings: SpareSettings) -> None:
+    """Everything that can be checked before the model loads: layers, SAE folders, the run folder, and enough
+    examples for the demonstrations when their number is known."""
     check_layers(settings.layers, layer_count(settings.model), settings.model)
     sae_folders(settings.model, settings.layers, settings.sae_dir, settings.sae_release, settings.sae_id)
-    prepare_run_folder(settings.out, run_outputs(), settings.overwrite)  # refused before the model loads
+    prepare_run_folder(settings.out, run_outputs(), settings.overwrite)
+    if settings.n_examples is not None:
+        settings.check_examples(settings.n_examples)
+
+
+def run_outputs() -> tuple[str, ...]:
+    """What a run writes in its folder: the whole set is replaced by the next run (with overwrite)."""
+    from steering.spare_plots import FIGURE_FILES
+
+    return ("results.json", "plotly.min.js", *FIGURE_FILES)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from steering.spare_protocol import run
+
+    settings = parse_settings(SpareSettings, argv, __doc__)
+    check_settings(settings)  # refused before the model loads
     model = load_model(settings.model, **settings.load_kwargs())
     saes, examples = load_inputs(model, settings)
     results = run(model, examples, saes, settings)
-    best = max(range(len(results["conflict_probe_accuracy"])), key=results["conflict_probe_accuracy"].__getitem__)
-    print(f"conflict probe: best layer {best}, accuracy {results['conflict_probe_accuracy'][best]:.3f}")
-    for target in ("steer_to_context", "steer_to_memory"):
-        print(f"{target:17s} " + "  ".join(f"{k} {v:.3f}" for k, v in results[target].items()))
+    print(f"protocol: {results['protocol']['name']}; {results['n']['test']} test prompts, {settings.n_seeds} seed(s)")
+    for target, rows in results["exact_match"].items():
+        print(f"{target:17s} " + "  ".join(f"{m} {v['mean']:.3f}±{v['sd']:.3f}" for m, v in rows.items()))
     print(f"wrote {settings.out / 'results.json'}")
     return results
 

@@ -248,13 +248,13 @@ def test_overwrite_clears_old_figures_but_keeps_the_refusal_cache(tmp_path):
 
 
 def test_spare_and_refusal_runs_refuse_a_used_folder(tiny, tmp_path):
-    from steering import refusal, spare
+    from steering import refusal, spare, spare_protocol
 
     (tmp_path / "results.json").write_text("{}")
     with pytest.raises(FileExistsError, match="previous run"):
         refusal.run(refusal.RefusalSettings(out=tmp_path, model=tiny.name), model=tiny)
     with pytest.raises(FileExistsError, match="previous run"):
-        spare.run(tiny, [], {}, spare.SpareSettings(out=tmp_path))
+        spare_protocol.run(tiny, [], {}, spare.SpareSettings(out=tmp_path))
 
 
 # ------------------------------------------------------------------------------------------------ shipped data

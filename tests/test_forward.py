@@ -9,10 +9,12 @@ from probes.conflict import ConflictExample, conflict_prompts
 from probes.forward import (
     IGNORE,
     PAD_MULTIPLE,
+    SHARED_PREFIX_MIN,
     answer_batch,
     answer_loss,
     answer_nll,
     chat_token_ids,
+    common_prefix_length,
     generate,
     kl_divergence,
     pad_id,
@@ -107,6 +109,28 @@ def test_batched_generation_equals_one_at_a_time(tiny):
     assert chat == [generate(tiny, [i], max_new_tokens=5, progress=False)[0] for i in INSTRUCTIONS]
     with pytest.raises(ValueError, match="no prompts"):
         generate(tiny, [], chat=False)
+
+
+def test_a_shared_prefix_runs_once_and_gives_the_same_answers(tiny):
+    """Few-shot prompts share their demonstrations: reusing the prefix's KV cache gives the answers of the full
+    prompts, batched or alone, and a last-token edit skips the prefix pass."""
+    from steering.spare import add_edit, edit_last_token
+
+    prompts = conflict_prompts([_fact("In which country is Oslo?"), _fact("Where is Lima?"), _fact("Is it far?")],
+                               "sub")
+    ids = [tiny.tokenizer(p)["input_ids"] for p in prompts]
+    assert common_prefix_length(ids) >= SHARED_PREFIX_MIN
+    answers = dict(max_new_tokens=6, progress=False, chat=False, first_line=True)
+    plain = generate(tiny, prompts, batch_size=3, **answers)
+    assert generate(tiny, prompts, batch_size=3, share_prefix=True, **answers) == plain
+    assert generate(tiny, prompts, batch_size=1, share_prefix=True, **answers) == plain
+    seen = []
+    edit = add_edit(torch.full((tiny.d_model,), 4.0), 1.0)
+    with edit_last_token(tiny, {"blocks.1.hook_resid_pre": lambda h: seen.append(h.shape) or edit(h)}, False):
+        edited = generate(tiny, prompts, batch_size=3, **answers)
+        seen_plain, seen[:] = list(seen), []
+        assert generate(tiny, prompts, batch_size=3, share_prefix=True, **answers) == edited
+    assert len(seen) == len(seen_plain) == 1  # one prompt pass edited either way; the prefix pass was skipped
 
 
 def test_first_line_answers_stop_once_the_line_is_complete(tiny):

@@ -12,7 +12,7 @@ from sae_lens import StandardSAE
 from probes.cache import extract
 from probes.conflict import USES_CONTEXT, USES_MEMORY, ConflictExample, conflict_prompts
 from probes.models import load_model
-from steering import spare
+from steering import spare, spare_protocol
 from steering.hooks import replace_residual
 from steering.sae import SAESettings, reconstruct, reconstruction_ce, sae_hook_name, save_sae, train_sae
 from steering.spare_plots import residual_index
@@ -86,12 +86,14 @@ def examples() -> tuple[list[ConflictExample], list[str]]:
 def test_spare_reads_and_edits_at_the_sae_hook(model):
     sae = make_sae(model.d_model, POST)
     found, labels = examples()
-    fitted = spare.fit_steering(model, {1: sae}, found, labels, proportion=0.25, progress=False)
+    hooks = spare.sae_hooks(model, {1: sae})
+    context = torch.tensor([label == USES_CONTEXT for label in labels])
+    acts = spare.residual_at(model, conflict_prompts(found, "sub"), [POST], progress=False)[:, 0]
+    fitted = spare.fit_steering({1: sae}, hooks, {POST: acts}, context, proportion=0.25, mi_share=None)
     assert fitted.hooks == {1: POST}
 
     prompts = [model.tokenizer(p)["input_ids"] for p in conflict_prompts(found, "sub")]
     last = torch.stack([reference(model, ids)[POST][-1] for ids in prompts])  # [n, d] at the SAE's hook
-    context = torch.tensor([label == USES_CONTEXT for label in labels])
     assert_rel_close(fitted.directions[1], last[context].mean(0) - last[~context].mean(0))
     with torch.no_grad():
         z = sae.encode(last)
@@ -128,7 +130,7 @@ def test_load_saes_places_each_sae_at_its_recorded_hook(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("hook", ["blocks.1.hook_mlp_out", "blocks.1.attn.hook_z", "blocks.4.hook_resid_post"])
-def test_hooks_the_workbench_cannot_place_are_refused(tiny, hook):
+def test_hooks_the_workbench_cannot_place_are_refused(tiny, hook, tmp_path):
     sae = make_sae(tiny.d_model, hook)
     assert sae_hook_name(sae) == hook  # without a model: as recorded
     with pytest.raises(ValueError, match=f"StandardSAE.*{re.escape(hook)}"):
@@ -136,7 +138,7 @@ def test_hooks_the_workbench_cannot_place_are_refused(tiny, hook):
     with pytest.raises(ValueError, match=re.escape(hook)):
         reconstruction_ce(tiny, sae, [[1, 2, 3]])
     with pytest.raises(ValueError, match=re.escape(hook)):
-        spare.prepare(tiny, examples()[0], {1: sae}, progress=False)  # before any answer is generated
+        spare_protocol.run(tiny, examples()[0] * 3, {1: sae}, spare.SpareSettings(out=tmp_path), progress=False)
 
 
 def test_an_sae_without_hook_point_or_two_at_one_point_are_refused(tiny):

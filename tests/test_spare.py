@@ -1,6 +1,6 @@
-"""SpARE: latent selection by behaviour, the edit (zero strength changes nothing), last-token hooks, the pipeline."""
+"""SpARE: latent selection by behaviour, the workbench's edit rule (zero strength changes nothing), last-token hooks,
+the split."""
 
-import json
 
 import pytest
 import torch
@@ -10,7 +10,6 @@ from probes.conflict import ConflictExample
 from probes.metrics import exact_match_rate
 from steering import spare
 from tests.helpers import make_sae
-from tests.report_checks import check_comparison, check_rate, check_report
 
 
 def test_behaviour_latents_pick_the_informative_latents():
@@ -23,7 +22,7 @@ def test_behaviour_latents_pick_the_informative_latents():
     acts = torch.rand(n, d) * 0.1
     acts[:, 3] = uses_context.float() * (1 + torch.rand(n))      # on only when the context is used
     acts[:, 7] = (~uses_context).float() * (1 + torch.rand(n))   # on only when memory is used
-    latents = spare.behaviour_latents(sae, acts, uses_context, layer=2, proportion=2 / d)
+    latents = spare.behaviour_latents(sae, acts, uses_context, layer=2, proportion=2 / d, mi_share=None)
     assert latents.context.tolist() == [3] and latents.memory.tolist() == [7]
     assert latents.mean_context[3] > 1 and latents.mean_memory[3] == 0
     with pytest.raises(ValueError):
@@ -40,13 +39,13 @@ def test_spare_edit_swaps_the_behaviour_latents():
                                      mean_context=torch.full((d,), 3.0), mean_memory=torch.full((d,), 5.0))
     h = torch.zeros(1, d)
     h[0, 2] = 4.0  # a memory latent is on
-    delta = spare.spare_edit(sae, latents, "context", strength=1.0)(h)
+    delta = spare.spare_edit(sae, latents, "context", strength=1.0, rule="workbench")(h)
     assert delta[0, 2] == pytest.approx(-4.0) and delta[0, 1] == pytest.approx(3.0)
     assert delta[0, [0, 3, 4, 5, 6, 7]].abs().max() == 0
-    add_only = spare.spare_edit(sae, latents, "context", strength=1.0, remove=False)(h)
+    add_only = spare.spare_edit(sae, latents, "context", strength=1.0, remove=False, rule="workbench")(h)
     assert add_only[0, 2] == 0 and add_only[0, 1] == pytest.approx(3.0)
-    toward_memory = spare.spare_edit(sae, latents, "memory", strength=0.5)(h)
-    assert toward_memory[0, 2] == pytest.approx(0.5)  # already at 4, raised to the expected 5
+    toward_memory = spare.spare_edit(sae, latents, "memory", strength=0.5, rule="workbench")(h)
+    assert toward_memory[0, 2] == pytest.approx(0.5)  # already at 4, raised to the expected 5, times 0.5
     with pytest.raises(ValueError):
         spare.spare_edit(sae, latents, "both")
 
@@ -54,7 +53,7 @@ def test_spare_edit_swaps_the_behaviour_latents():
 def test_zero_strength_leaves_logits_unchanged_and_edits_touch_only_the_last_token(tiny):
     sae = make_sae(tiny.d_model, d_sae=64)
     acts = torch.randn(40, tiny.d_model)
-    latents = spare.behaviour_latents(sae, acts, torch.arange(40) % 2 == 0, layer=1, proportion=0.2)
+    latents = spare.behaviour_latents(sae, acts, torch.arange(40) % 2 == 0, layer=1, proportion=0.2, mi_share=None)
     ids = tiny.tokenizer(["the cat sat on the mat", "a b c d e f"], return_tensors="pt").input_ids.to(tiny.device)
     hook = "blocks.1.hook_resid_pre"
     with torch.no_grad():
@@ -88,47 +87,3 @@ def test_split_and_exact_match_rate():
     assert exact_match_rate(["The B.", "c"], [("b",), ("a",)]) == 0.5
     with pytest.raises(ValueError):
         spare.split(examples[:2])
-
-
-def test_run_writes_the_contract(tiny, tmp_path, monkeypatch):
-    examples = [ConflictExample(f"Where is place {i}?", f"Place {i} is in Aland.", ("Aland",),
-                                f"Place {i} is in Bland.", ("Bland",), kind=f"kind{i % 2}") for i in range(20)]
-    # a random model answers at random: make half the training answers "context" and half "memory"
-    cycle = iter(range(10_000))
-    monkeypatch.setattr(spare, "group_by_behaviour",
-                        lambda preds, exs: [("context", "memory")[next(cycle) % 2] for _ in exs])
-    saes = {1: make_sae(tiny.d_model, d_sae=32)}
-    spare_grid = spare.edit_grid("spare", (0.0, 1.0), generated=(True,))
-    settings = spare.SpareSettings(out=tmp_path, proportion=0.25, max_new_tokens=3, tune_n=3)
-    results = spare.run(tiny, examples, saes, settings, spare_grid=spare_grid,
-                        actadd_grid=spare.edit_grid("actadd", (1.0,)), progress=False)
-    saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["layers"] == list(range(tiny.n_layers + 1))
-    assert len(saved["conflict_probe_accuracy"]) == tiny.n_layers + 1
-    assert all(0 <= a <= 1 for a in saved["conflict_probe_accuracy"])
-    for target in ("steer_to_context", "steer_to_memory"):
-        assert set(saved[target]) == {"no_edit", "actadd", "spare"}
-        assert all(0 <= v <= 1 for v in saved[target].values())
-    tuned = saved["tuning"]["spare_to_context"]
-    assert len(tuned["val_exact_match"]) == len(spare_grid) == 4
-    assert spare.EditSetting(**tuned["setting"]) in spare_grid
-    assert len(saved["tuning"]["actadd_to_memory"]["val_exact_match"]) == 2  # prompt only / prompt+generated
-    assert saved["spare_layers"] == [1] and results["n"] == {"train": 12, "val": 4, "test": 4, "tuning": 3}
-    assert saved["sae_hooks"] == {"1": "blocks.1.hook_resid_pre"}
-    kinds = saved["known_facts_kinds"]
-    assert kinds["all"] == {"kind0": 10, "kind1": 10}
-    assert {k: sum(kinds[k].values()) for k in ("train", "val", "test")} == {
-        k: results["n"][k] for k in kinds if k != "all"}
-    assert (tmp_path / "steering.html").is_file() and (tmp_path / "latents_layer1.html").is_file()
-    for target in ("steer_to_context", "steer_to_memory"):
-        for method, entry in saved["exact_match"][target].items():
-            check_rate(entry)
-            assert entry["rate"] == saved[target][method] and entry["n"] == 4
-        assert set(saved["comparisons"][target]) == {"spare_vs_no_edit", "spare_vs_actadd", "actadd_vs_no_edit"}
-        for entry in saved["comparisons"][target].values():
-            check_comparison(entry)
-    assert saved["settings"] == settings.to_dict() and saved["settings"]["proportion"] == 0.25
-    page = check_report(tmp_path)
-    assert "<td>tune_n</td><td class=\"num\">3</td>" in page
-    assert "Exact match on held-out conflict prompts" in page and "spare vs actadd" in page
-    assert "Relation kinds" in page and "kind0" in page
