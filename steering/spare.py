@@ -412,11 +412,11 @@ def conflict_examples(model: ModelHandle, dataset: str, n: int | None, seed: int
 def check_settings(settings: SpareSettings) -> None:
     """Everything that can be checked before the model loads: layers, SAE folders, the run folder, and enough
     examples for the demonstrations when their number is known."""
+    if settings.n_examples is not None:
+        settings.check_examples(settings.n_examples)
     check_layers(settings.layers, layer_count(settings.model), settings.model)
     sae_folders(settings.model, settings.layers, settings.sae_dir, settings.sae_release, settings.sae_id)
     prepare_run_folder(settings.out, run_outputs(), settings.overwrite)
-    if settings.n_examples is not None:
-        settings.check_examples(settings.n_examples)
 
 
 def run_outputs() -> tuple[str, ...]:
