@@ -115,6 +115,17 @@ def name_list(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
+def choice_list(known: Sequence[str], what: str) -> Callable[[str], list[str]]:
+    """argparse type: comma-separated names, each one of ``known`` (``what`` names them in the error)."""
+    def parse(text: str) -> list[str]:
+        names = name_list(text)
+        unknown = [n for n in names if n not in known]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"unknown or no {what} {unknown or text!r}; known: {','.join(known)}")
+        return names
+    return parse
+
+
 def positive_int_list(text: str) -> list[int]:
     """argparse type: comma-separated counts, e.g. ``1,4,16``."""
     return [positive_int(x.strip()) for x in text.split(",")]

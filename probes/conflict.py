@@ -9,7 +9,6 @@ answer means the model uses the context; answering with the original answer mean
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 from dataclasses import asdict, dataclass
@@ -19,7 +18,7 @@ from typing import Callable, Literal, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from probes.cli_args import name_list, positive_int
+from probes.cli_args import choice_list, positive_int
 from probes.datasets import ENTITY_DATASETS, NQSWAP_COLUMNS, load_entities
 from probes.files import atomic_file, check_not_shipped
 from probes.forward import generate
@@ -417,21 +416,13 @@ def _save_answers(candidates: Sequence[ConflictExample], answers: Sequence[str],
                                 "answer": a, "correct": exact_match(a, e.org_answers)}) + "\n")
 
 
-def _kind_list(text: str) -> list[str]:
-    """``--kinds``: comma-separated keys of :data:`FACT_KINDS`."""
-    kinds = name_list(text)
-    unknown = [k for k in kinds if k not in FACT_KINDS]
-    if unknown or not kinds:
-        raise argparse.ArgumentTypeError(f"unknown or no fact kinds {unknown or text!r}; known: {','.join(FACT_KINDS)}")
-    return kinds
-
-
 @dataclass(kw_only=True)
 class ConflictSettings(ModelSettings, RunSettings, BatchSettings):
     """Build and save the known-facts conflict set of a model: the candidates of each fact kind that it answers
     correctly closed book (``seed``: the substituted answers)."""
 
-    kinds: list[str] = setting(list(FACT_KINDS), "fact kinds, comma-separated", parse=_kind_list)
+    kinds: list[str] = setting(list(FACT_KINDS), "fact kinds, comma-separated",
+                               parse=choice_list(tuple(FACT_KINDS), "fact kinds"))
     rows_per_kind: int | None = setting(KNOWN_FACTS_N, "most popular rows read per fact kind", parse=positive_int)
     max_per_kind: int | None = setting(KNOWN_FACTS_MAX_PER_KIND, "known facts kept per kind, the most popular first "
                                        "(keeps one kind from dominating)", parse=positive_int)

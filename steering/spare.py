@@ -14,7 +14,6 @@ fitting, tuning on validation, test, summary over seeds, conflict probe) in :mod
 
 from __future__ import annotations
 
-import argparse
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Callable, Literal, Mapping, Sequence
 import torch
 
 from probes.cache import extract
-from probes.cli_args import check_layers, layer_list, name_list, number_list, positive_int, run_cli
+from probes.cli_args import check_layers, choice_list, layer_list, number_list, positive_int, run_cli
 from probes.cli_args import proportion as proportion_arg
 from probes.conflict import (
     ANSWER_BATCH,
@@ -143,7 +142,8 @@ def edit_last_token(model: ModelHandle, edits: Mapping[str, Edit], generated: bo
     """Context manager adding ``edits[hook](h)`` to the residual stream at ``hook`` (``blocks.<L>.hook_resid_pre``
     or ``blocks.<L>.hook_resid_post``) at the last position of every forward pass: the last prompt token (prompts
     are left-padded), then, if ``generated``, each generated token (one per cached step; a one-token forward pass
-    counts as a generation step)."""
+    counts as a generation step). The pass over a shared few-shot prefix (:func:`probes.forward.in_shared_prefix`)
+    is left alone: its last token is not the prompt's."""
     def last_only(edit: Edit) -> Callable[[torch.Tensor], torch.Tensor]:
         def replace(hidden: torch.Tensor) -> torch.Tensor:
             if in_shared_prefix() or (not generated and hidden.shape[1] == 1):
@@ -232,7 +232,7 @@ def fit_steering(saes: Mapping[int, object], hooks: Mapping[int, str], acts: Map
 def steered_answers(model: ModelHandle, prompts: Sequence[str], edits: Mapping[str, Edit], max_new_tokens: int,
                     progress: bool = False, generated: bool = True) -> list[str]:
     """Greedy answers with ``edits`` (by hook point; none: the unedited model) applied, also to the generated tokens
-    if ``generated``."""
+    if ``generated``; the demonstrations every prompt starts with run once (their KV cache is reused)."""
     with edit_last_token(model, edits, generated):
         return generate(model, prompts, max_new_tokens, ANSWER_BATCH, progress, chat=False, first_line=True,
                         share_prefix=True)
@@ -241,23 +241,6 @@ def steered_answers(model: ModelHandle, prompts: Sequence[str], edits: Mapping[s
 def references(examples: Sequence[ConflictExample], target: Target) -> list[tuple[str, ...]]:
     """The answers that count as ``target`` behaviour: the substituted context's, or the memorised ones."""
     return [e.sub_answers if target == "context" else e.org_answers for e in examples]
-
-
-def _method_list(text: str) -> list[str]:
-    """``--methods``: comma-separated names of :data:`METHOD_NAMES`."""
-    names = name_list(text)
-    unknown = [n for n in names if n not in METHOD_NAMES]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown or text!r}; choose from {','.join(METHOD_NAMES)}")
-    return names
-
-
-def _target_list(text: str) -> list[str]:
-    """``--directions``: context, memory or both."""
-    names = name_list(text)
-    if not names or any(n not in ("context", "memory") for n in names):
-        raise argparse.ArgumentTypeError(f"directions must be context and/or memory, got {text!r}")
-    return names
 
 
 # The paper's protocol (Zhao et al. 2025): the settings that differ from these are listed in results.json.
@@ -280,9 +263,10 @@ class SpareSettings(ModelSettings, RunSettings):
     sae_release: str | None = setting(None, "SAELens release of pretrained SAEs, e.g. "
                                             "gemma-scope-2b-pt-res-canonical")
     sae_id: str | None = setting(None, "SAE id with {layer}, e.g. 'layer_{layer}/width_16k/canonical'")
-    methods: list[str] = setting(list(METHOD_NAMES), "methods compared, comma-separated", parse=_method_list)
+    methods: list[str] = setting(list(METHOD_NAMES), "methods compared, comma-separated",
+                                 parse=choice_list(METHOD_NAMES, "methods"))
     directions: list[str] = setting(["context", "memory"], "directions to steer: context, memory or both",
-                                    parse=_target_list)
+                                    parse=choice_list(("context", "memory"), "directions"))
     n_seeds: int = setting(5, "seeds of the demonstrations; each reruns everything downstream of the prompts",
                            parse=positive_int)
     shots: int = setting(3, "in-context demonstrations per prompt, drawn per seed from the training facts",
@@ -304,7 +288,8 @@ class SpareSettings(ModelSettings, RunSettings):
                                                       "validation, e.g. 0.5,2", parse=number_list)
     cad_alphas: list[float] = setting([0.5, 1.0, 2.0], "CAD's a tried on validation", parse=number_list)
     dola_buckets: list[str] = setting(["low", "high"], "DoLa's candidate premature layers tried on validation: the "
-                                                       "low and/or high half of the layers", parse=name_list)
+                                                       "low and/or high half of the layers",
+                                      parse=choice_list(("low", "high"), "DoLa buckets"))
     taskvec_layers: list[int] | None = setting(None, "layers TaskVec is patched in at, tried on validation "
                                                      "(default: about 30%, 45%, 60% of the depth)", parse=layer_list)
     sea_keep: list[float] = setting([0.9, 0.99], "SEA's share of the spectrum kept / removed, tried on validation",

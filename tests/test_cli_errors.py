@@ -46,7 +46,7 @@ CASES = [
     ("steering.spare", ["--model", NO_MODEL, "--strengths", "1,x"], "--strengths: 'x' is not a number"),
     ("steering.spare", ["--model", NO_MODEL, "--layers", "5-2"], "reversed layer range '5-2'"),
     ("steering.spare", ["--model", "random:llama", "--layers", "1,7"], "[7] out of range"),
-    ("steering.spare", ["--model", NO_MODEL, "--methods", "spare,rome"], "unknown method(s) ['rome']"),
+    ("steering.spare", ["--model", NO_MODEL, "--methods", "spare,rome"], "unknown or no methods ['rome']"),
     ("steering.spare", ["--model", NO_MODEL, "--cad-alphas", "-0.5"], "cad_alphas must be >= 0"),
     ("steering.spare", ["--model", NO_MODEL, "--strengths", "0"], "strengths must be > 0"),
     ("steering.spare", ["--model", NO_MODEL, "--n-examples", "8"], "too few to draw 3 demonstrations"),
