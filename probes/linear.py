@@ -424,17 +424,22 @@ def _l1_polish(x: torch.Tensor, y: torch.Tensor, C: float, u: torch.Tensor, lam:
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Newton steps from u on its support with the signs fixed (there the objective is smooth: C·Σ log-loss +
     Σ lam·sign·u), then a check of the optimality conditions: no sign changed and every zero coordinate has
-    |gradient of the log-loss part| <= lam. Only the layers in ``which`` [Lc] move. Returns the polished u [Lc, k]
-    and the layers where it is the exact minimiser [Lc] (the others keep improving by FISTA)."""
-    support = u != 0
+    |gradient of the log-loss part| <= lam. Only the layers in ``which`` [Lc] are computed (their Hessians are the
+    cost). Returns the polished u [Lc, k] and the layers where it is the exact minimiser [Lc] (the others keep
+    improving by FISTA)."""
+    idx = which.nonzero()[:, 0]
+    xs, us, lams = x[idx], u[idx], lam[idx]
+    support = us != 0
     support[:, -1] = True  # the intercept is always free
-    sign = u.sign()
-    polished, _, unfinished = _newton_fit(x, y, C, torch.zeros_like(u[0]), 50, 1e-10, w=u, lin=lam * sign,
-                                          free=support, active=which)
-    grad = C * (x.mT @ (torch.sigmoid(x @ polished[..., None])[..., 0] - y)[..., None])[..., 0]
+    sign = us.sign()
+    polished, _, unfinished = _newton_fit(xs, y, C, torch.zeros_like(us[0]), 50, 1e-10, w=us, lin=lams * sign,
+                                          free=support)
+    grad = C * (xs.mT @ (torch.sigmoid(xs @ polished[..., None])[..., 0] - y)[..., None])[..., 0]
     kept_signs = ((polished.sign() == sign) | ~support)[:, :-1].all(-1)
-    zeros_optimal = ((grad.abs() <= lam * (1 + 1e-6) + 1e-13 * C * x.shape[1]) | support).all(-1)
-    return polished, which & ~unfinished & kept_signs & zeros_optimal
+    zeros_optimal = ((grad.abs() <= lams * (1 + 1e-6) + 1e-13 * C * x.shape[1]) | support).all(-1)
+    out, exact = u.clone(), torch.zeros_like(which)
+    out[idx], exact[idx] = polished, ~unfinished & kept_signs & zeros_optimal
+    return out, exact
 
 
 def _l1_solve(x: torch.Tensor, y: torch.Tensor, C: float, lam: torch.Tensor, max_iter: int, tol: float
