@@ -28,8 +28,8 @@ demo: $(STAMP)
 	$(PY) -m steering.refusal --model embedded-refuser --n-train 64 --n-val 8 --n-test 16 --layer-step 3 \
 		--max-new-tokens 24 --short-tokens 12 --n-general 8 --eval-sets test,harmbench,strongreject \
 		--out $(OUT)/refusal --overwrite
-	$(PY) -m steering.spare --model embedded --dataset known_facts --n-examples 80 --n-seeds 1 --tune-n 8 \
-		--strengths 1,2 --cad-alphas 1 --dola-buckets high --sea-keep 0.9 --out $(OUT)/spare --overwrite
+	$(PY) -m steering.spare --model embedded --dataset known_facts --n-examples 60 --n-seeds 1 --strengths 1 \
+		--cad-alphas 1 --dola-buckets high --taskvec-layers 12 --sea-keep 0.9 --out $(OUT)/spare --overwrite
 	$(PY) -m probes.report --index $(OUT)
 
 test: $(STAMP)
