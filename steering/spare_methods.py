@@ -33,6 +33,7 @@ from steering import representation_baselines as rb
 from steering.spare import (
     ANSWER_BATCH,
     FittedSteering,
+    SpareSettings,
     Target,
     edit_last_token,
     steered_answers,
@@ -49,7 +50,7 @@ class SeedRun:
     the other representation methods are fitted from (by hook point; training prompts, last token)."""
 
     seed: int
-    settings: object  # steering.spare.SpareSettings
+    settings: SpareSettings
     demonstrations: dict[str, list[Demonstration]]  # "plain", "context", "memory"
     fitted: FittedSteering
     acts: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # prompt kind -> hook -> [n, d]
@@ -74,7 +75,7 @@ class Method:
     name: str
     label: str
     answer: Answer
-    grid: Callable[[object, SeedRun], list[Setting]]  # (settings, run) -> the settings tried on validation
+    grid: Callable[[SpareSettings, SeedRun], list[Setting]]  # the grid points tried on validation
     targets: tuple[Target, ...] = TARGETS
     not_applicable: str = ""  # why it cannot steer toward the other target
     extra_input: str = ""     # what it sees at test time beyond the prompt the others answer
