@@ -284,6 +284,9 @@ def run(model: ModelHandle, examples: Sequence[ConflictExample], saes: Mapping[i
     results = {"model": model.name, "dataset": settings.dataset, "protocol": settings.protocol(),
                "methods": method_table(settings), "spare_layers": sorted(saes),
                "sae_hooks": dict(sorted(sae_hooks(model, saes).items())), "conflict_probe": probe,
+               # the contract's per-layer probe accuracy: the residual stream's (0 = embeddings)
+               "layers": list(range(len(probe["residual"]["accuracy"]))),
+               "conflict_probe_accuracy": probe["residual"]["accuracy"],
                "n": {**{k: len(v) for k, v in parts.items()}, "tuning": len(parts["val"][:settings.tune_n])},
                "known_facts_kinds": {"all": kind_counts(examples), **{k: kind_counts(v) for k, v in parts.items()}},
                **aggregate(seeds, settings.directions), "settings": settings.to_dict()}

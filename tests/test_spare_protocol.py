@@ -191,6 +191,8 @@ def test_the_comparison_runs_every_method_and_writes_the_contract(tiny, tmp_path
     probe = saved["conflict_probe"]
     assert set(probe) >= {"residual", "attn_out", "mlp_out"} and probe["n_groups"] == 6
     assert len(probe["residual"]["auroc"]) == tiny.n_layers + 1 and len(probe["mlp_out"]["auprc"]) == tiny.n_layers
+    assert saved["layers"] == list(range(tiny.n_layers + 1))
+    assert saved["conflict_probe_accuracy"] == probe["residual"]["accuracy"]
     assert saved["methods"]["cad"]["extra_input"] and not saved["methods"]["spare"]["extra_input"]
     assert saved["settings"] == settings.to_dict()
     page = check_report(tmp_path)
