@@ -488,6 +488,25 @@ def mlp_neuron_weights(bridge, hf_model: torch.nn.Module, layer: int) -> dict[st
     return out
 
 
+# Dense families whose MLP output projection's input equals the bridge's ``mlp.hook_post`` (checked on
+# random-weights models in tests/test_cache.py): there the neurons are read from the plain model.
+NEURON_INPUTS_CHECKED = frozenset({"LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM", "GPT2LMHeadModel",
+                                   "GPTNeoXForCausalLM", "Gemma2ForCausalLM"})
+
+
+def mlp_neuron_input(bridge, hf_model: torch.nn.Module, layer: int) -> torch.nn.Module | None:
+    """The module whose forward input is block ``layer``'s MLP neurons (the bridge's ``mlp.hook_post``: the down
+    projection), or None where that is not known to hold (:data:`NEURON_INPUTS_CHECKED`)."""
+    arch = type(hf_model).__name__
+    block = (getattr(getattr(bridge, "adapter", None), "component_mapping", None) or {}).get("blocks")
+    mlp = (getattr(block, "submodules", None) or {}).get("mlp")
+    out = (getattr(mlp, "submodules", None) or {}).get("out")
+    if arch not in NEURON_INPUTS_CHECKED or mlp is None or out is None or _is_moe(mlp):
+        return None
+    path = f"{block.name}.{layer}" + ("" if mlp.name is None else f".{mlp.name}") + f".{out.name}"
+    return _submodule(hf_model, path, arch, "the MLP output projection")
+
+
 def attention_head_outputs(bridge, hf_model: torch.nn.Module, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Block ``layer``'s attention output projection split by head: [n_heads, d_head, d_model] (head h's slice of
     the projection's input, laid out as the bridge's ``attn.hook_z``) and its bias [d_model] or None, read from the
@@ -504,6 +523,21 @@ def attention_head_outputs(bridge, hf_model: torch.nn.Module, layer: int) -> tup
     weight = _neuron_rows(module, path, arch, True)  # [n_heads * d_head, d_model]
     bias = getattr(module, "bias", None)
     return weight.reshape(bridge.cfg.n_heads, -1, weight.shape[-1]), None if bias is None else bias.detach()
+
+
+def attention_output_projection(bridge, hf_model: torch.nn.Module, layer: int) -> torch.nn.Module:
+    """Block ``layer``'s attention output projection: its forward input [batch, seq, n_heads * d_head] holds every
+    head's output laid out as the bridge's ``attn.hook_z`` (head h: features h * d_head .. (h + 1) * d_head), so a
+    forward pre-hook on it reads or replaces single heads (activation patching)."""
+    arch = type(hf_model).__name__
+    block = (getattr(getattr(bridge, "adapter", None), "component_mapping", None) or {}).get("blocks")
+    attn = (getattr(block, "submodules", None) or {}).get("attn")
+    subs = getattr(attn, "submodules", None) or {}
+    role = next((r for r in ("o", "out", "out_proj") if r in subs), None)
+    if attn is None or attn.name is None or role is None:
+        raise _unsupported(arch, "per-head outputs need an attention with a mapped output projection")
+    path = f"{block.name}.{layer}.{attn.name}.{subs[role].name}"
+    return _submodule(hf_model, path, arch, "the attention output projection")
 
 
 def final_norm_and_unembedding(bridge, hf_model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:

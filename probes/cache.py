@@ -23,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from probes import positions as pos
-from probes.architecture import on_residual
+from probes.architecture import mlp_neuron_input, on_residual
 from probes.devices import Halving, free_cuda_bytes, model_devices
 from probes.errors import WorkbenchError, as_list
 from probes.files import atomic_file, atomic_folder
@@ -36,6 +36,7 @@ from probes.readers import check_safetensors, read_json
 FORMAT_VERSION = 1
 RESIDUAL_HOOK = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
 COMPONENT_HOOK = re.compile(r"^blocks\.(\d+)\.hook_(attn|mlp)_out$")
+NEURON_HOOK = re.compile(r"^blocks\.(\d+)\.mlp\.hook_post$")
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
 
@@ -390,6 +391,9 @@ def _plan(model: ModelHandle, prompts: Sequence[str], hooks, positions, spans, b
     token_spans = None
     if spans is not None:
         token_spans = [pos.span_token_range(off, sp) for off, sp in zip(enc["offset_mapping"], spans, strict=True)]
+        # a causal model's activations at the span do not depend on the tokens after it: those are not run
+        if spec in ("span_last", "span_mean"):
+            input_ids = [ids[:last + 1] for ids, (_, last) in zip(input_ids, token_spans)]
     order = sorted(range(len(prompts)), key=lambda i: -len(input_ids[i]))
     batches, current = [], []
     for i in order:  # longest first: each batch's first prompt sets its padded length
@@ -446,7 +450,8 @@ def _run(model: ModelHandle, plan: _Plan, sink, padding_side: str, progress: boo
                 halving.run(batch, run_batch)
 
 
-def _plain_points(model: ModelHandle, hooks: Sequence[str]) -> list[tuple[int, str | torch.nn.Module]] | None:
+def _plain_points(model: ModelHandle, hooks: Sequence[str]
+                  ) -> list[tuple[int, str | torch.nn.Module | NeuronInput]] | None:
     """Where each hook point sits on the plain model: (layer, "pre" | "post") on the residual stream, or (layer,
     module) for an attention or MLP output read from the module that writes it
     (:meth:`probes.architecture.Architecture.component_output`); None when some hook needs the bridge."""
@@ -457,13 +462,23 @@ def _plain_points(model: ModelHandle, hooks: Sequence[str]) -> list[tuple[int, s
         elif (m := COMPONENT_HOOK.match(hook)) and \
                 (module := model.architecture.component_output(int(m.group(1)), m.group(2))) is not None:
             points.append((int(m.group(1)), module))
+        elif (m := NEURON_HOOK.match(hook)) and \
+                (module := mlp_neuron_input(model.bridge, model.hf_model, int(m.group(1)))) is not None:
+            points.append((int(m.group(1)), NeuronInput(module)))
         else:
             return None
     return points
 
 
-def _add_layer_hooks(stack: contextlib.ExitStack, layers, points: list[tuple[int, str | torch.nn.Module]],
-                     store) -> None:
+@dataclass(frozen=True)
+class NeuronInput:
+    """A point read from a module's forward input (the MLP neurons entering the down projection)."""
+
+    module: torch.nn.Module
+
+
+def _add_layer_hooks(stack: contextlib.ExitStack, layers,
+                     points: list[tuple[int, str | torch.nn.Module | NeuronInput]], store) -> None:
     """Hooks on the plain decoder layers (:func:`probes.architecture.on_residual`) and on the modules writing
     attention and MLP outputs; the pass stops after the latest point in the network (a block's output, or the
     stream entering a block when nothing is read further on)."""
@@ -478,6 +493,9 @@ def _add_layer_hooks(stack: contextlib.ExitStack, layers, points: list[tuple[int
             store(slot, hidden, last)
         if isinstance(where, str):
             stack.callback(on_residual(layers[layer], where, read).remove)
+        elif isinstance(where, NeuronInput):
+            stack.callback(where.module.register_forward_pre_hook(
+                lambda module, args, read=read: read(args[0])).remove)
         else:
             stack.callback(where.register_forward_hook(
                 lambda module, args, output, read=read: read(output[0] if isinstance(output, tuple) else output)
@@ -510,7 +528,7 @@ def extract(model: ModelHandle, prompts: Sequence[str], hooks: Sequence[str] | N
             dtype: torch.dtype = torch.float32, batch_tokens: int | None = None, padding_side: str = "right",
             add_special_tokens: bool = True, progress: bool = True, max_device_bytes: int | None = None,
             spill_dir: str | os.PathLike | None = None, device: str | torch.device | None = None,
-            pad_multiple: int = PAD_MULTIPLE) -> ActivationCache | ShardedActivationCache:
+            pad_multiple: int | None = None) -> ActivationCache | ShardedActivationCache:
     """Activations of ``prompts`` (texts, or lists of token ids) at ``hooks`` (default: :func:`residual_hooks`).
 
     positions: ``"last"`` (last token), ``"span_last"`` / ``"span_mean"`` (last token of / mean over the character
@@ -521,9 +539,11 @@ def extract(model: ModelHandle, prompts: Sequence[str], hooks: Sequence[str] | N
     ``max_device_bytes`` (default: 80% of free CUDA memory, unlimited on the CPU) it is written to ``spill_dir`` in
     shards and a :class:`ShardedActivationCache` is returned instead (not for ``"all"``: that raises instead).
     Each batch is padded to a multiple of ``pad_multiple`` tokens (:func:`probes.forward.pad_token_ids`; 1: to its
-    longest prompt, as a tokenizer pads).
+    longest prompt, as a tokenizer pads). Default: :data:`probes.forward.PAD_MULTIPLE` on CUDA, where few distinct
+    shapes matter, and 1 on the CPU, where padding a 4-token prompt to 8 would double its cost.
     """
     device = torch.device(device) if device is not None else model.device
+    pad_multiple = pad_multiple or (PAD_MULTIPLE if model.device.type == "cuda" else 1)
     plan = _plan(model, prompts, hooks, positions, spans, batch_tokens or default_batch_tokens(model.device, model),
                  add_special_tokens)
     n, n_pos, n_hooks = len(plan.input_ids), pos.n_positions(plan.spec), len(plan.hooks)

@@ -269,11 +269,9 @@ def reproduce(model: ModelHandle, settings: SpaceTimeSettings, progress: bool = 
     if settings.compare_models:
         from probes import space_time_models
 
-        models = space_time_models.resolve_models(settings.compare_models, model, seed, **settings.load_kwargs())
-        comparison = space_time_models.models_side_by_side(models, settings.datasets, settings.n_entities,
-                                                           settings.templates[0], seed, progress)
-        comparison["models"].insert(0, space_time_models.curves_from_results(results, model))
-        results["models_side_by_side"] = comparison
+        results["models_side_by_side"] = space_time_models.run_side_by_side(
+            model, twin, results, settings.compare_models, settings.datasets, settings.n_entities,
+            settings.templates[0], seed, progress, **settings.load_kwargs())
     return results, runs_by_dataset
 
 

@@ -59,3 +59,27 @@ def models_side_by_side(models: Iterable[ModelHandle], datasets: Sequence[str], 
     :func:`probes.space_time_plots.models_side_by_side`."""
     return {"template": template, "n_entities": n_entities,
             "models": [model_curves(m, datasets, n_entities, template, seed, progress=progress) for m in models]}
+
+
+def curves_of_twin(results: dict, twin: ModelHandle) -> dict:
+    """The random-weights twin's entry, read from the run's random-weights control (the same twin, seed, template
+    and split) rather than probed again."""
+    return {"name": twin.name, "n_layers": twin.n_layers, "d_model": twin.d_model,
+            "depth": [layer / twin.n_layers for layer in range(twin.n_layers + 1)],
+            "r2": {name: curves["random_weights"] for name, curves in results["controls"].items()},
+            "peak": {name: peaks["random_weights"] for name, peaks in results["control_peaks"].items()}}
+
+
+def run_side_by_side(model: ModelHandle, twin: ModelHandle | None, results: dict, names: Sequence[str],
+                     datasets: Sequence[str], n_entities: int | None, template: str, seed: int = 0,
+                     progress: bool = True, **load_kwargs) -> dict:
+    """The run's own model (from ``results``) and each model of ``names`` side by side (:func:`models_side_by_side`);
+    the random twin comes from the controls when they ran (``twin``)."""
+    reuse_twin = twin is not None and "controls" in results
+    others = [n for n in names if not (reuse_twin and n == RANDOM_TWIN)]
+    probed = iter(models_side_by_side(resolve_models(others, model, seed, **load_kwargs), datasets, n_entities,
+                                      template, seed, progress)["models"])
+    entries = [curves_from_results(results, model)]
+    entries += [curves_of_twin(results, twin) if reuse_twin and n == RANDOM_TWIN else next(probed) for n in names]
+    return {"template": template, "n_entities": n_entities, "models": entries}
+

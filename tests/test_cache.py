@@ -243,3 +243,45 @@ def test_attention_and_mlp_outputs_read_on_the_plain_model_equal_the_bridge_hook
             slow = cache.extract(model, prompts, hooks=hooks + ["blocks.0.hook_resid_post"], progress=False).acts
         assert rel_err(fast, slow) < 1e-5, preset
     assert classes <= COMPONENT_OUTPUTS_CHECKED and len(classes) == len(CHECKED_PRESETS)
+
+
+NEURON_PRESETS = ("llama-tiny", "qwen2", "mistral", "gpt2", "gpt_neox", "gemma2")
+
+
+def test_mlp_neurons_read_on_the_plain_model_equal_the_bridge_hook(monkeypatch):
+    """``mlp.hook_post`` read from the down projection's input equals the bridge's hook on every family allowed to
+    (:data:`probes.architecture.NEURON_INPUTS_CHECKED`); a mixture of experts (no single neurons) and a family off
+    the list take the bridge."""
+    from probes.architecture import NEURON_INPUTS_CHECKED
+    from probes.models import load_model
+
+    prompts = ["the cat sat on the mat", "a b c", "hello world, this is a longer text"]
+    classes = set()
+    for preset in (*NEURON_PRESETS, "phi3", "qwen2_moe"):
+        model = load_model(f"random:{preset}", device="cpu")
+        hooks = ["blocks.0.mlp.hook_post", f"blocks.{model.n_layers - 1}.mlp.hook_post"]
+        on_plain = cache._plain_points(model, hooks) is not None
+        assert on_plain == (preset in NEURON_PRESETS), preset
+        if not on_plain:
+            continue
+        classes.add(type(model.hf_model).__name__)
+        fast = cache.extract(model, prompts, hooks=hooks, progress=False).acts
+        with monkeypatch.context() as m:
+            m.setattr(cache, "_plain_points", lambda *args: None)
+            slow = cache.extract(model, prompts, hooks=hooks, progress=False).acts
+        assert rel_err(fast, slow) < 1e-5, preset
+    assert classes == NEURON_INPUTS_CHECKED
+
+
+def test_span_positions_do_not_run_the_tokens_after_the_span(embedded):
+    """Activations at an entity do not depend on the text after it (causal), so the plan cuts each prompt there:
+    the same values as the prompts written without the tail, and fewer tokens run."""
+    texts = ["Paris is the capital of France", "The Eiffel Tower stands in Paris"]
+    spans = [(0, 5), (4, 16)]
+    plan = cache._plan(embedded, texts, None, "span_last", spans, 4096, True)
+    full = [len(embedded.tokenizer(t)["input_ids"]) for t in texts]
+    assert [len(ids) for ids in plan.input_ids] < full
+    with_tail = extract(embedded, texts, positions="span_last", spans=spans, progress=False).acts
+    cut = extract(embedded, [t[:end] for t, (_, end) in zip(texts, spans)], positions="span_last", spans=spans,
+                  progress=False).acts
+    assert rel_err(with_tail, cut) < 1e-5

@@ -200,3 +200,20 @@ def test_the_run_writes_each_comparison_and_skips_each_on_request(tiny, tmp_path
     entry = space_time.reproduce(tiny, skipped, progress=False)[0]["datasets"]["world_place"]
     assert not {"ridge_vs_mlp", "pca", "prompt_robustness", "entity_type_transfer", "neuron_weights",
                 "ridge_views"} & set(entry)
+
+
+def test_the_twin_side_by_side_comes_from_the_controls_and_equals_probing_it(tiny):
+    """With the controls on, the random twin's curves are read from the random-weights control, not probed again:
+    the same numbers as probing the twin."""
+    from probes.random_models import random_twin
+    from probes.space_time_models import model_curves
+
+    settings = SpaceTimeSettings(datasets=["art"], n_entities=60, templates=["empty"], n_blocks=1, mlp=False,
+                                 pca=False, prompt_transfer=False, entity_types=False, neuron_weights=False,
+                                 ridge_views=False, compare_models=[RANDOM_TWIN])
+    results, _ = space_time.reproduce(tiny, settings, progress=False)
+    reused = results["models_side_by_side"]["models"][1]
+    probed = model_curves(random_twin(tiny, settings.seed), ["art"], 60, progress=False)
+    assert reused["name"] == probed["name"]
+    np.testing.assert_allclose(reused["r2"]["art"], probed["r2"]["art"], rtol=1e-9, atol=1e-12)
+    assert reused["peak"]["art"]["r2"] == pytest.approx(probed["peak"]["art"]["r2"], rel=1e-9)
