@@ -41,8 +41,10 @@ lint: $(STAMP)
 	$(PY) scripts/function_length.py probes steering bench --max 60
 
 # In headless Chromium with the network off (not part of `make test`): JupyterLab runs the quick-start notebook and
-# notebook 01 with small parameters, then the demo's report pages open from disk ($(OUT), made by `make demo` if
-# missing); fails on a cell error, a figure not drawn or a request off this machine; screenshots to docs/screenshots/.
+# notebooks 01 and 06 with small parameters, drives notebook 06's steering panel (strength 0, then the slider moved to
+# its end: Generate each time, the steered completion must change), then the demo's report pages open from disk
+# ($(OUT), made by `make demo` if missing); fails on a cell error, a figure not drawn, a panel that does not steer or
+# a request off this machine; screenshots to docs/screenshots/.
 # Installs Debian's chromium (apt-get, as root or with sudo) and playwright in $(VENV) if missing.
 test-browser: $(STAMP)
 	@command -v chromium >/dev/null || { command -v apt-get >/dev/null \

@@ -282,6 +282,6 @@ def test_span_positions_do_not_run_the_tokens_after_the_span(embedded):
     full = [len(embedded.tokenizer(t)["input_ids"]) for t in texts]
     assert [len(ids) for ids in plan.input_ids] < full
     with_tail = extract(embedded, texts, positions="span_last", spans=spans, progress=False).acts
-    cut = extract(embedded, [t[:end] for t, (_, end) in zip(texts, spans)], positions="span_last", spans=spans,
-                  progress=False).acts
+    heads = [t[:end] for t, (_, end) in zip(texts, spans, strict=True)]
+    cut = extract(embedded, heads, positions="span_last", spans=spans, progress=False).acts
     assert rel_err(with_tail, cut) < 1e-5

@@ -1,10 +1,13 @@
 """The workbench seen in a real browser, with the network off: `make test-browser` (not part of `make test`).
 
-Starts JupyterLab headless on the project's environment, runs the quick-start notebook and notebook 01 with small
-parameters through JupyterLab's menu (Run > Run All Cells) in headless Chromium, checks that no cell errored and that
-every plotly figure drew (map outlines included), then opens the demo's report pages (runs/demo/index.html and the
-pages it links) from the file system and checks every figure drew. Every request not to this machine is refused and
-fails the check. Screenshots go to docs/screenshots/.
+Starts JupyterLab headless on the project's environment, runs the quick-start notebook, notebook 01 and notebook 06
+with small parameters through JupyterLab's menu (Run > Run All Cells) in headless Chromium, checks that no cell
+errored and that every plotly figure drew (map outlines included), then drives notebook 06's steering panel as a user
+would: the strength typed as 0, Generate (controls disabled and a progress bar shown meanwhile; the steered
+completion equals the baseline), the slider moved to its end with the keyboard, Generate again (the steered
+completion changes). Then it opens the demo's report pages (runs/demo/index.html and the pages it links) from the file
+system and checks every figure drew. Every request not to this machine is refused and fails the check. Screenshots
+go to docs/screenshots/.
 
     .venv/bin/python tests/browser/check_browser.py [--notebooks 01_space_time.ipynb ...] [--demo PATH | --skip-demo]
 """
@@ -27,6 +30,7 @@ from urllib.parse import urlparse
 
 import nbformat
 from playwright.sync_api import Browser, BrowserContext, Page, Route, sync_playwright
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = ROOT / "notebooks"
@@ -43,11 +47,13 @@ NOTEBOOK_PARAMS = {
                             "DATASETS": ["world_place", "us_place", "nyc_place", "art", "historical_figure",
                                          "headline"],
                             "N_ENTITIES": 300, "TEMPLATES": ["empty"], "OUT": "{out}"},
+    "06_steering_panel.ipynb": {"N_INSTRUCTIONS": 16, "MAX_NEW_TOKENS": 16, "PATCH_LAYER_STEP": 3},
 }
 # Screenshots per notebook: file name, and the code that starts the cell shown at the top.
 SCREENSHOTS = {"00_quickstart.ipynb": [("quickstart_probe.png", "px.scatter("),
                                        ("quickstart_steer.png", "side_by_side(")],
-               "01_space_time.ipynb": [("space_time_maps.png", "figures = ")]}
+               "01_space_time.ipynb": [("space_time_maps.png", "figures = ")],
+               "06_steering_panel.ipynb": [("patching_heatmap.png", "from probes.forward import chat_token_ids")]}
 REPORT_SHOTS = {"space_time": "report_space_time.png", "refusal": "report_refusal.png"}  # demo folder: screenshot
 MIN_OUTLINED_MAPS = {"01_space_time.ipynb": 2}  # world and US (NYC is too small for the shipped outlines)
 # JupyterLab settings for the check: every cell in the DOM (so every figure draws), no news or update checks.
@@ -273,10 +279,73 @@ def check_notebook(context: BrowserContext, base: str, token: str, folder: Path,
     print(f"{name}: ran in {seconds:.0f} s, {len(figures)} figures ({maps} maps, {outlined} with outlines drawn)")
     if outlined < MIN_OUTLINED_MAPS.get(name, 0):
         problems.append(f"{name}: {outlined} maps with outlines drawn, expected {MIN_OUTLINED_MAPS[name]}")
+    if name in PANEL_CHECKS:
+        problems += drive_panel(page, *PANEL_CHECKS[name])
     for file, code in SCREENSHOTS[name]:
         scroll_to_cell(page, code)
         print(f"  screenshot: {screenshot(page, file).relative_to(ROOT)}")
     page.close()
+    return problems
+
+
+PANEL = ".jp-NotebookPanel .steering-panel"  # steering/panel.py's CSS classes
+PANEL_STATE_JS = r"""(panel) => {
+    const p = document.querySelector(panel), steered = p.querySelector('.steering-steered');
+    return {run: Number(p.querySelector('.steering-result')?.dataset.run ?? 0),
+            baseline: p.querySelector('.steering-baseline')?.textContent ?? null, steered: steered?.textContent ?? null,
+            edit: steered?.previousElementSibling?.textContent ?? '',
+            error: p.querySelector('.steering-error')?.textContent ?? null,
+            strength: p.querySelector('.steering-strength .widget-readout')?.textContent.trim(),
+            busy: p.querySelector('.steering-generate').disabled
+                  && getComputedStyle(p.querySelector('.steering-progress')).display !== 'none'};
+}"""
+# Notebooks with a steering panel: (screenshot of it, code that starts the cell shown above it).
+PANEL_CHECKS = {"06_steering_panel.ipynb": ("steering_panel.png", "sae = load_sae(")}
+GENERATE_TIMEOUT_MS = 600_000
+
+
+def press_generate(page: Page) -> tuple[dict, bool]:
+    """Click the panel's Generate; its state once the new result (or an error) shows, and whether Generate was
+    disabled with the progress bar shown while it ran."""
+    before = page.evaluate(PANEL_STATE_JS, PANEL)["run"]
+    page.click(f"{PANEL} .steering-generate")
+    try:
+        page.wait_for_function(f"() => ({PANEL_STATE_JS})({PANEL!r}).busy", timeout=30_000, polling=100)
+        busy_seen = True
+    except PlaywrightTimeout:
+        busy_seen = False
+    page.wait_for_function(f"""() => {{ const s = ({PANEL_STATE_JS})({PANEL!r});
+                                        return !s.busy && (s.run > {before} || s.error !== null); }}""",
+                           timeout=GENERATE_TIMEOUT_MS, polling=250)
+    return page.evaluate(PANEL_STATE_JS, PANEL), busy_seen
+
+
+def drive_panel(page: Page, shot: str, code_above: str) -> list[str]:
+    """Steer by hand: strength 0 typed into the slider's readout and Generate (the steered completion must equal
+    the baseline), then the slider moved to its end with the keyboard and Generate (it must change); problems
+    found, after a screenshot of the panel."""
+    scroll_to_cell(page, code_above)
+    readout = page.locator(f"{PANEL} .steering-strength .widget-readout")
+    readout.click()
+    page.keyboard.press("Control+A")
+    page.keyboard.type("0")
+    page.keyboard.press("Enter")
+    zero, busy_zero = press_generate(page)
+    page.locator(f"{PANEL} .steering-strength .noUi-handle").focus()
+    page.keyboard.press("End")
+    large, busy_large = press_generate(page)
+    print(f"  panel at strength {zero['strength']}: {zero['steered']!r}\n"
+          f"  panel at strength {large['strength']}: {large['steered']!r} (baseline {large['baseline']!r})")
+    problems = [f"steering panel: {s['error']}" for s in (zero, large) if s["error"] is not None]
+    if not problems:
+        problems += [] if busy_zero and busy_large else ["steering panel: Generate not disabled, or no progress bar, "
+                                                         "while generating"]
+        problems += [] if zero["edit"].endswith("strength 0") and zero["steered"] == zero["baseline"] else \
+            [f"steering panel: at strength 0 ({zero['edit']}) the steered completion differs from the baseline"]
+        problems += [] if float(large["strength"]) > 0 and large["steered"] != zero["steered"] else \
+            [f"steering panel: the slider moved to {large['strength']}, the steered completion did not change"]
+    scroll_to_cell(page, code_above)
+    print(f"  screenshot: {screenshot(page, shot).relative_to(ROOT)}")
     return problems
 
 
