@@ -160,10 +160,22 @@ def transfer_matrix(acts_by_prompt: dict[str, torch.Tensor], data: EntityData,
     first = next(iter(acts_by_prompt.values()))
     y, train, test = _split(data, first.device)
     probes = {name: RidgeProbe(alphas).fit(a[train], y[train]) for name, a in acts_by_prompt.items()}
-    r2 = [[r2_score(y[test], probes[a].predict(acts_by_prompt[b][test])) for b in names] for a in names]
+    scores = [[bootstrap_r2(y[test], probes[a].predict(acts_by_prompt[b][test])) for b in names] for a in names]
     unit = {name: torch.nn.functional.normalize(p.coef_.reshape(y.shape[1], -1), dim=-1) for name, p in probes.items()}
     cosine = [[float((unit[a] * unit[b]).sum(-1).mean()) for b in names] for a in names]
-    return {"prompts": names, "r2": r2, "cosine": cosine}
+    return {"prompts": names, "r2": [[cell["r2"] for cell in row] for row in scores],
+            "r2_ci95": [[cell["ci95"] for cell in row] for row in scores], "n_test": int(test.sum()),
+            "cosine": cosine}
+
+
+def r2_against_interval(truth: torch.Tensor, pred: torch.Tensor, reference: torch.Tensor, n_resamples: int = 2000,
+                        seed: int = 0) -> list[float]:
+    """95% percentile interval of :func:`r2_against` from resampling the part's rows (the reference variance, the
+    whole test set's, held fixed)."""
+    t, p = truth.double().reshape(len(truth), -1), pred.double().reshape(len(pred), -1)
+    var = reference.double().reshape(len(reference), -1).var(0, correction=0).clamp(min=1e-300)
+    rows = _resample_rows(len(t), n_resamples, seed, t.device)
+    return list(_percentile_interval((1 - (t[rows] - p[rows]).square().mean(1) / var).mean(-1)))
 
 
 def _proximity_in_test(pred_rows: torch.Tensor, rows: torch.Tensor, truth_test: torch.Tensor) -> float:
@@ -210,15 +222,18 @@ def entity_type_transfer(acts_layer: torch.Tensor, data: EntityData, column: str
     masks = {t: torch.tensor((values == t).to_numpy(), device=acts_layer.device) for t in types}
     types = [t for t in types if int((masks[t] & train).sum()) >= 5 and int((masks[t][test]).sum()) >= 2]
     truth_test = y[test]
-    r2, prox = [], []
+    r2, r2_ci, prox = [], [], []
     for a in types:
         probe = RidgeProbe(alphas).fit(acts_layer[train & masks[a]], y[train & masks[a]])
         pred_test = probe.predict(acts_layer[test])
         r2.append([r2_against(truth_test[masks[b][test]], pred_test[masks[b][test]], truth_test) for b in types])
+        r2_ci.append([r2_against_interval(truth_test[masks[b][test]], pred_test[masks[b][test]], truth_test)
+                      for b in types])
         prox.append([_proximity_in_test(pred_test[masks[b][test]], masks[b][test].nonzero()[:, 0], truth_test)
                      for b in types])
     return {"column": column, "types": types, "n_train": [int((masks[t] & train).sum()) for t in types],
-            "n_test": [int((masks[t] & test).sum()) for t in types], "r2": r2, "proximity_error": prox}
+            "n_test": [int((masks[t] & test).sum()) for t in types], "r2": r2, "r2_ci95": r2_ci,
+            "proximity_error": prox}
 
 
 def neuron_target_correlation(neurons: torch.Tensor, y: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -101,6 +101,9 @@ def test_transfer_matrix_on_a_known_case():
     assert r2[0, 0] > 0.85 and r2[0, 1] == pytest.approx(r2[0, 0]) and r2[2, 2] > 0.85
     assert r2[0, 2] < 0.1 and r2[2, 0] < 0.1  # a probe along u reads nothing where the target lies along v
     assert cos[0, 1] == pytest.approx(1.0) and abs(cos[0, 2]) < 0.3 and np.allclose(cos, cos.T)
+    ci = np.array(out["r2_ci95"])  # each cell's bootstrap interval holds its R² and separates reading from not
+    assert ci.shape == (3, 3, 2) and np.all(ci[..., 0] <= r2) and np.all(r2 <= ci[..., 1])
+    assert ci[0, 2, 1] < ci[0, 0, 0] and out["n_test"] == int(data.is_test.sum())
 
 
 def blocks_case(seed: int = 0) -> tuple[torch.Tensor, EntityData]:
@@ -125,6 +128,8 @@ def test_heldout_blocks_scored_against_the_whole_test_set():
     truth = torch.tensor([[1.0], [2.0], [3.0]])
     assert an.r2_against(truth[:2], truth[:2], truth) == 1.0
     assert an.r2_against(truth[:1], truth[1:2], truth) == pytest.approx(1 - 1 / (2 / 3))
+    low, high = an.r2_against_interval(truth[:2], truth[:2] + torch.tensor([[0.5], [-0.5]]), truth)
+    assert low <= an.r2_against(truth[:2], truth[:2] + torch.tensor([[0.5], [-0.5]]), truth) <= high < 1
 
 
 def test_entity_type_transfer():
@@ -132,6 +137,8 @@ def test_entity_type_transfer():
     out = an.entity_type_transfer(acts, data, "entity_type")
     assert sorted(out["types"]) == ["city", "river"] and np.array(out["r2"]).shape == (2, 2)
     assert np.min(out["r2"]) > 0.9 and np.max(out["proximity_error"]) < 0.2  # one linear map serves both types
+    ci = np.array(out["r2_ci95"])
+    assert ci.shape == (2, 2, 2) and np.all(ci[..., 0] <= np.array(out["r2"]) + 1e-12) and ci.min() > 0.8
 
 
 def test_neurons_by_weights_find_the_neuron_written_along_the_probe(tiny):
