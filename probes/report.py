@@ -58,6 +58,19 @@ def _safe_link(link: str) -> bool:
     return not link.strip().startswith("//") and not any(ord(c) < 32 for c in link)
 
 
+@dataclass(frozen=True)
+class Link:
+    """A table cell shown as ``text`` that links ``href`` (a relative path or an http(s) address)."""
+
+    text: str
+    href: str
+
+    def __post_init__(self):
+        if not _safe_link(self.href):
+            raise WorkbenchError(f"link {self.href!r} refused: a report links only to relative paths and http(s) "
+                                 "addresses")
+
+
 @dataclass
 class Page:
     """What a report page shows: title, settings (shown as a table), tables and named plotly figures."""
@@ -102,15 +115,21 @@ RATE_COLUMNS = ["rate", "n", "95% CI (Wilson)"]
 DIFFERENCE_COLUMNS = ["difference", "95% CI (paired bootstrap)", "n prompts", "larger than the noise"]
 
 
+def _cell_html(cell: Any) -> str:
+    if isinstance(cell, Link):
+        return f'<td><a href="{html.escape(cell.href)}">{html.escape(cell.text)}</a></td>'
+    if isinstance(cell, (int, float)) and not isinstance(cell, bool):
+        return f'<td class="num">{html.escape(fmt(cell))}</td>'
+    return f"<td>{html.escape(fmt(cell))}</td>"
+
+
 def table_html(table: Table) -> str:
     """One table with its heading and note, every text escaped."""
     title = html.escape(table.title)
     if table.link:
         title = f'<a href="{html.escape(table.link)}">{title}</a>'
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in table.columns)
-    body = "".join("<tr>" + "".join(
-        f'<td class="num">{html.escape(fmt(c))}</td>' if isinstance(c, (int, float)) and not isinstance(c, bool)
-        else f"<td>{html.escape(fmt(c))}</td>" for c in row) + "</tr>\n" for row in table.rows)
+    body = "".join("<tr>" + "".join(_cell_html(c) for c in row) + "</tr>\n" for row in table.rows)
     note = f'<p class="note">{html.escape(table.note)}</p>' if table.note else ""
     return f"<h2>{title}</h2>\n<table><tr>{head}</tr>\n{body}</table>{note}\n"
 

@@ -68,6 +68,24 @@ def _take(rng: random.Random, items: Sequence[T], n: int | None) -> list[T]:
     return rng.sample(list(items), len(items) if n is None else min(n, len(items)))
 
 
+def _take_rest(rng: random.Random, items: Sequence[T], n: int | None) -> tuple[list[T], list[T]]:
+    """The sample :func:`_take` draws (the same draws from ``rng``) and the items it leaves, in their order."""
+    picked = _take(rng, range(len(items)), n)
+    chosen = set(picked)
+    return [items[i] for i in picked], [item for i, item in enumerate(items) if i not in chosen]
+
+
+def _data_picks(settings: CorpusSettings, seed: int) -> tuple[random.Random, dict[str, tuple[list, list]]]:
+    """The recipe's seeded picks from each data source and what each leaves: {source: (picked, rest)}, and the
+    generator, where :func:`corpus_sources` goes on to draw the openings to continue."""
+    rng = random.Random(seed)
+    pools = {"facts": (known_facts_candidates(seed=seed), settings.conflict_facts),
+             "instructions": (load_refusal_instructions("train", "harmless"), settings.instructions),
+             "headlines": (load_entities("headline").entities, settings.headlines),
+             "passages": (_passages(), settings.passages)}
+    return rng, {name: _take_rest(rng, items, n) for name, (items, n) in pools.items()}
+
+
 def _passages() -> list[str]:
     """NQ-Swap's distinct original Wikipedia passages, without their <P>/<Table>-style markup."""
     texts = (re.sub(r"\s+", " ", re.sub(r"</?[A-Za-z]+>", " ", t)).strip() for t in load_nqswap()["org_context"])
@@ -78,12 +96,9 @@ def corpus_sources(model: ModelHandle, settings: CorpusSettings | None = None, s
                    batch_size: int = 32, progress: bool = True) -> dict[str, list[str]]:
     """The corpus's texts by source, each list in a seeded order; the model's own text is sampled with ``seed``."""
     settings = settings or CorpusSettings()
-    rng = random.Random(seed)
-    facts = _take(rng, known_facts_candidates(seed=seed), settings.conflict_facts)
-    instructions = _take(rng, load_refusal_instructions("train", "harmless"), settings.instructions)
+    rng, picks = _data_picks(settings, seed)
+    facts, instructions, headlines, passages = (picks[k][0] for k in ("facts", "instructions", "headlines", "passages"))
     n_answered = len(instructions) if settings.answered is None else min(settings.answered, len(instructions))
-    headlines = _take(rng, load_entities("headline").entities, settings.headlines)
-    passages = _take(rng, _passages(), settings.passages)
     chat = [model.format_chat(i) for i in instructions]
     answers = generate(model, instructions[:n_answered], settings.answer_tokens, batch_size, progress,
                        settings.temperature, seed) if n_answered else []
@@ -96,6 +111,20 @@ def corpus_sources(model: ModelHandle, settings: CorpusSettings | None = None, s
             "instructions_with_answers": [c + a for c, a in zip(chat, answers, strict=False)],
             "instructions": chat[n_answered:], "headlines": headlines, "passages": passages,
             "continuations": [o + c for o, c in zip(openings, continued, strict=True)]}
+
+
+def heldout_sources(model: ModelHandle, settings: CorpusSettings | None = None, seed: int = 0) -> dict[str, list[str]]:
+    """A held-out twin of the data part of :func:`corpus_sources` (same ``settings`` and ``seed``): as many texts of
+    each data source, drawn from those the recipe leaves out, so an SAE trained on that corpus has never read them
+    (to see what its latents do). Instructions come in the chat template without answers; the model writes
+    nothing here (no sampled answers or continuations)."""
+    settings = settings or CorpusSettings()
+    rng, picks = _data_picks(settings, seed)
+    facts, instructions, headlines, passages = (_take(rng, picks[k][1], len(picks[k][0]))
+                                                for k in ("facts", "instructions", "headlines", "passages"))
+    return {"conflict_prompts": conflict_prompts(facts, "sub") + conflict_prompts(facts, "org"),
+            "instructions": [model.format_chat(i) for i in instructions], "headlines": headlines,
+            "passages": passages}
 
 
 def mix(sources: dict[str, list[str]], seed: int = 0) -> list[str]:

@@ -22,7 +22,7 @@ from typing import Callable, Literal, Mapping, Sequence
 import torch
 
 from probes.cache import extract
-from probes.cli_args import check_layers, choice_list, layer_list, number_list, positive_int, run_cli
+from probes.cli_args import check_layers, choice_list, layer_list, non_negative_int, number_list, positive_int, run_cli
 from probes.cli_args import proportion as proportion_arg
 from probes.conflict import (
     ANSWER_BATCH,
@@ -298,6 +298,9 @@ class SpareSettings(ModelSettings, RunSettings):
     tune_n: int | None = setting(None, "validation examples the settings are tuned on (default: all of the split)",
                                  parse=positive_int)
     max_new_tokens: int = setting(8, "tokens of each greedy answer", parse=positive_int)
+    dashboard_tokens: int = setting(20_000, "tokens of held-out SAE-corpus text the dashboards of seed 0's selected "
+                                            "latents are read from (OUT/latents, linked from the report; 0: none)",
+                                    parse=non_negative_int)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -323,6 +326,8 @@ class SpareSettings(ModelSettings, RunSettings):
                 raise ValueError(f"{name} must be {rule}, got {bad or values}")
         if self.probe_c <= 0:
             raise ValueError(f"probe_c must be > 0, got {self.probe_c}")
+        if self.dashboard_tokens < 0:
+            raise ValueError(f"dashboard_tokens must be >= 0, got {self.dashboard_tokens}")
 
     def protocol(self) -> dict:
         """"paper" when every setting of :data:`PAPER_PROTOCOL` is the paper's, else the ones that differ."""
@@ -408,7 +413,7 @@ def run_outputs() -> tuple[str, ...]:
     """What a run writes in its folder: the whole set is replaced by the next run (with overwrite)."""
     from steering.spare_plots import FIGURE_FILES
 
-    return ("results.json", "plotly.min.js", *FIGURE_FILES)
+    return ("results.json", "plotly.min.js", "latents", *FIGURE_FILES)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -9,7 +9,7 @@ from plotly.subplots import make_subplots
 
 from probes.cache import RESIDUAL_HOOK
 from probes.files import write_figure
-from probes.report import DIFFERENCE_COLUMNS, REPORT, Page, Table, difference_cells, interval, write_report
+from probes.report import DIFFERENCE_COLUMNS, REPORT, Link, Page, Table, difference_cells, interval, write_report
 
 TARGETS = ("steer_to_context", "steer_to_memory")
 STREAMS = {"residual": "residual stream", "attn_out": "attention output", "mlp_out": "MLP output"}
@@ -157,7 +157,18 @@ def report_tables(results: dict) -> list[Table]:
     relations = Table("Relation kinds", ["relation kind", *parts],
                       [[kind.replace("_", " "), *(kinds[p].get(kind, 0) for p in parts)]
                        for kind in kinds.get("all", {})], "Facts of each kind in each split.")
-    return [table_one(results), diffs, proto, tuned, split, *([relations] if parts else [])]
+    dashboards = [latent_table(results)] if results.get("latent_dashboards") else []
+    return [table_one(results), diffs, proto, tuned, split, *([relations] if parts else []), *dashboards]
+
+
+def latent_table(results: dict) -> Table:
+    """Seed 0's selected latents, each linking its dashboard (top contexts, histogram, logit lens)."""
+    rows = [[layer, e["favours"], Link(f"latent {e['latent']}", e["page"]), e["firing_rate"], e["promotes"]]
+            for layer, entries in results["latent_dashboards"].items() for e in entries]
+    return Table("Selected latents (seed 0) and their dashboards", ["layer", "favours", "dashboard", "firing rate",
+                                                                   "decoder row promotes"], rows,
+                 f"Read from {results['settings']['dashboard_tokens']:,} tokens of held-out SAE-corpus text (texts "
+                 "the SAEs were not trained on).")
 
 
 def figures(results: dict) -> dict[str, go.Figure]:

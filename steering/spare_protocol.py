@@ -44,6 +44,7 @@ from probes.metrics import (
 )
 from probes.models import ModelHandle
 from probes.progress import progress_bar
+from steering.latent_dashboard import write_selected
 from steering.spare import (
     SpareSettings,
     Target,
@@ -294,6 +295,9 @@ def run(model: ModelHandle, examples: Sequence[ConflictExample], saes: Mapping[i
         results[target] = {m: v["mean"] for m, v in rows.items()}  # the headline: mean exact match over seeds
     results["per_seed"] = [{k: v for k, v in s.items() if k not in ("matches", "answers")} for s in seeds]
     results["example_answers"] = example_answers(parts["test"], seeds[0])
+    if settings.dashboard_tokens:
+        results["latent_dashboards"] = write_selected(model, saes, seeds[0]["latents"], out / "latents",
+                                                      settings.dashboard_tokens, progress)
     results["seconds"] = time.perf_counter() - start
     atomic_write_json(out / "results.json", results)
     spare_plots.write_all(results, out)

@@ -17,8 +17,10 @@ def test_notebook_02_selects_and_saves_then_03_orthogonalizes_it_without_selecti
     run = tmp_path / "refusal"
     nb = run_notebook("02_refusal_direction.ipynb", SMALL | {"OUT": str(run)})
     heatmaps = [f for f in figures(nb) if {t["type"] for t in f["data"]} == {"heatmap"}]
-    assert len(heatmaps) == 2 and len(heatmaps[0]["data"]) == 3  # the selection's, then the candidates' cosines
+    # the selection's, the candidates' cosines, then the direction lens's projections
+    assert len(heatmaps) == 3 and len(heatmaps[0]["data"]) == 3 and len(heatmaps[2]["data"]) == 3
     titles = [f["layout"]["title"]["text"] for f in figures(nb)]
+    assert any(t.startswith("Logit lens of the refusal direction") for t in titles)
     assert any(t.startswith("Refusal after ablation vs KL") for t in titles)
     assert "Where the direction is expressed" in titles
     assert any("Loss on general text" in "".join(c.source) or "loss_summary" in c.source for c in nb.cells)

@@ -10,7 +10,7 @@ def test_spare_notebook_shows_the_comparison(tmp_path):
     nb = run_notebook("04_spare.ipynb", {
         "N_EXAMPLES": 40, "N_SEEDS": 1, "TUNE_N": 4, "STRENGTHS": [1.0], "CAD_ALPHAS": [1.0],
         "DOLA_BUCKETS": ["high"], "TASKVEC_LAYERS": [12], "SEA_KEEP": [0.9], "MAX_NEW_TOKENS": 4,
-        "OUT": str(tmp_path / "spare")})
+        "DASHBOARD_TOKENS": 2000, "OUT": str(tmp_path / "spare")})
     figs = figures(nb)
     titles = [f["layout"]["title"]["text"] for f in figs]
     assert any("mean ± sd over 1 seed" in t for t in titles)
@@ -24,3 +24,7 @@ def test_spare_notebook_shows_the_comparison(tmp_path):
     tables = [o["data"]["text/html"] for c in nb.cells for o in c.get("outputs", [])
               if "text/html" in o.get("data", {})]
     assert any("Table 1" in t for t in tables) and any("spare_to_memory" in t for t in tables)
+    assert any("Top contexts" in t for t in tables)  # a latent dashboard (at these sizes, often one behaviour's only)
+    pages = [e["page"] for entries in saved["latent_dashboards"].values() for e in entries]
+    report = (tmp_path / "spare" / "index.html").read_text()
+    assert pages and all((tmp_path / "spare" / p).is_file() and f'href="{p}"' in report for p in pages)

@@ -167,10 +167,13 @@ def test_the_comparison_runs_every_method_and_writes_the_contract(tiny, tmp_path
     monkeypatch.setattr(spare_protocol, "group_by_behaviour",
                         lambda preds, exs: [("context", "memory")[next(cycle) % 2] for _ in exs])
     saes = {1: make_sae(tiny.d_model, d_sae=32)}
-    settings = spare.SpareSettings(out=tmp_path, n_seeds=2, max_new_tokens=2, tune_n=2, strengths=[0.5, 1.0],
-                                   cad_alphas=[1.0], dola_buckets=["high"], taskvec_layers=[1], sea_keep=[0.9])
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache"))  # the latent dashboards' cache
+    settings = spare.SpareSettings(out=tmp_path / "run", n_seeds=2, max_new_tokens=2, tune_n=2, strengths=[0.5, 1.0],
+                                   cad_alphas=[1.0], dola_buckets=["high"], taskvec_layers=[1], sea_keep=[0.9],
+                                   dashboard_tokens=2000)
     results = spare_protocol.run(tiny, facts(30), saes, settings, progress=False)
-    saved = json.loads((tmp_path / "results.json").read_text())
+    out = settings.out
+    saved = json.loads((out / "results.json").read_text())
     assert saved["protocol"]["name"] == "custom" and saved["protocol"]["differs_from_paper"] == {"n_seeds": 2}
     assert results["n"] == {"train": 18, "val": 6, "test": 6, "tuning": 2}
     assert set(saved["exact_match"]["steer_to_context"]) == {"no_edit", "cad", "icl", "taskvec", "sea", "actadd",
@@ -195,7 +198,11 @@ def test_the_comparison_runs_every_method_and_writes_the_contract(tiny, tmp_path
     assert saved["conflict_probe_accuracy"] == probe["residual"]["accuracy"]
     assert saved["methods"]["cad"]["extra_input"] and not saved["methods"]["spare"]["extra_input"]
     assert saved["settings"] == settings.to_dict()
-    page = check_report(tmp_path)
+    page = check_report(out)
     assert "Table 1" in page and "n/a: DoLa sharpens" in page and "spare vs cad" in page
     for name in ("steering", "probe_auroc", "behaviour_changes", "comparisons", "latents_layer1"):
-        assert (tmp_path / f"{name}.html").is_file()
+        assert (out / f"{name}.html").is_file()
+    pages = saved["latent_dashboards"]["1"]  # one dashboard per latent seed 0 selected, linked from the report
+    selected = saved["per_seed"][0]["latents"]["1"]
+    assert sorted(p["latent"] for p in pages) == sorted(selected["context"] + selected["memory"])
+    assert all((out / p["page"]).is_file() and p["page"] in page for p in pages)
