@@ -393,7 +393,7 @@ def _plan(model: ModelHandle, prompts: Sequence[str], hooks, positions, spans, b
         token_spans = [pos.span_token_range(off, sp) for off, sp in zip(enc["offset_mapping"], spans, strict=True)]
         # a causal model's activations at the span do not depend on the tokens after it: those are not run
         if spec in ("span_last", "span_mean"):
-            input_ids = [ids[:last + 1] for ids, (_, last) in zip(input_ids, token_spans)]
+            input_ids = [ids[:last + 1] for ids, (_, last) in zip(input_ids, token_spans, strict=True)]
     order = sorted(range(len(prompts)), key=lambda i: -len(input_ids[i]))
     batches, current = [], []
     for i in order:  # longest first: each batch's first prompt sets its padded length
