@@ -507,24 +507,6 @@ def mlp_neuron_input(bridge, hf_model: torch.nn.Module, layer: int) -> torch.nn.
     return _submodule(hf_model, path, arch, "the MLP output projection")
 
 
-def attention_head_outputs(bridge, hf_model: torch.nn.Module, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Block ``layer``'s attention output projection split by head: [n_heads, d_head, d_model] (head h's slice of
-    the projection's input, laid out as the bridge's ``attn.hook_z``) and its bias [d_model] or None, read from the
-    adapter; what passes any post-norm is the caller's business (:attr:`Writer.post_norm`)."""
-    arch = type(hf_model).__name__
-    block = (getattr(getattr(bridge, "adapter", None), "component_mapping", None) or {}).get("blocks")
-    attn = (getattr(block, "submodules", None) or {}).get("attn")
-    subs = getattr(attn, "submodules", None) or {}
-    role = next((r for r in ("o", "out", "out_proj") if r in subs), None)
-    if attn is None or attn.name is None or role is None:
-        raise _unsupported(arch, "per-head outputs need an attention with a mapped output projection")
-    path = f"{block.name}.{layer}.{attn.name}.{subs[role].name}"
-    module = _submodule(hf_model, path, arch, "the attention output projection")
-    weight = _neuron_rows(module, path, arch, True)  # [n_heads * d_head, d_model]
-    bias = getattr(module, "bias", None)
-    return weight.reshape(bridge.cfg.n_heads, -1, weight.shape[-1]), None if bias is None else bias.detach()
-
-
 def attention_output_projection(bridge, hf_model: torch.nn.Module, layer: int) -> torch.nn.Module:
     """Block ``layer``'s attention output projection: its forward input [batch, seq, n_heads * d_head] holds every
     head's output laid out as the bridge's ``attn.hook_z`` (head h: features h * d_head .. (h + 1) * d_head), so a
@@ -538,6 +520,16 @@ def attention_output_projection(bridge, hf_model: torch.nn.Module, layer: int) -
         raise _unsupported(arch, "per-head outputs need an attention with a mapped output projection")
     path = f"{block.name}.{layer}.{attn.name}.{subs[role].name}"
     return _submodule(hf_model, path, arch, "the attention output projection")
+
+
+def attention_head_outputs(bridge, hf_model: torch.nn.Module, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Block ``layer``'s attention output projection split by head: [n_heads, d_head, d_model] (head h's slice of
+    the projection's input, laid out as the bridge's ``attn.hook_z``) and its bias [d_model] or None, read from the
+    adapter; what passes any post-norm is the caller's business (:attr:`Writer.post_norm`)."""
+    module = attention_output_projection(bridge, hf_model, layer)
+    weight = _neuron_rows(module, f"block {layer}'s attention output projection", type(hf_model).__name__, True)
+    bias = getattr(module, "bias", None)  # weight: [n_heads * d_head, d_model]
+    return weight.reshape(bridge.cfg.n_heads, -1, weight.shape[-1]), None if bias is None else bias.detach()
 
 
 def final_norm_and_unembedding(bridge, hf_model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
