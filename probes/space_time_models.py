@@ -30,12 +30,18 @@ def resolve_models(names: Iterable[str], model: ModelHandle, seed: int = 0, **lo
             yield load_model(name, **load_kwargs)
 
 
+def _entry(model: ModelHandle, r2: dict, peak: dict) -> dict:
+    """One model's entry: its name and shape, depth (layer / n_layers) of each residual point, R² by layer and the
+    peak of each dataset."""
+    return {"name": model.name, "n_layers": model.n_layers, "d_model": model.d_model,
+            "depth": [layer / model.n_layers for layer in range(model.n_layers + 1)], "r2": r2, "peak": peak}
+
+
 def model_curves(model: ModelHandle, datasets: Sequence[str], n_entities: int | None, template: str = "empty",
                  seed: int = 0, alphas: Sequence[float] = DEFAULT_ALPHAS, progress: bool = True) -> dict:
     """One model's ridge probes by layer on each dataset: test R², depth (layer / n_layers) and the peak with its
     95% bootstrap interval."""
-    out = {"name": model.name, "n_layers": model.n_layers, "d_model": model.d_model,
-           "depth": [layer / model.n_layers for layer in range(model.n_layers + 1)], "r2": {}, "peak": {}}
+    out = _entry(model, {}, {})
     for name in datasets:
         data = load_entities(name, n=n_entities, seed=seed)
         fit = fit_layers(entity_activations(model, data, TEMPLATES[name][template], progress=progress), data,
@@ -47,10 +53,8 @@ def model_curves(model: ModelHandle, datasets: Sequence[str], n_entities: int | 
 def curves_from_results(results: dict, model: ModelHandle) -> dict:
     """The probed model's entry of :func:`models_side_by_side`, read from its run's ``results`` (first template)
     rather than probed again."""
-    return {"name": model.name, "n_layers": model.n_layers, "d_model": model.d_model,
-            "depth": [layer / model.n_layers for layer in range(model.n_layers + 1)],
-            "r2": {name: e["r2"] for name, e in results["datasets"].items()},
-            "peak": {name: e["peak"] for name, e in results["datasets"].items()}}
+    return _entry(model, {name: e["r2"] for name, e in results["datasets"].items()},
+                  {name: e["peak"] for name, e in results["datasets"].items()})
 
 
 def models_side_by_side(models: Iterable[ModelHandle], datasets: Sequence[str], n_entities: int | None,
@@ -64,22 +68,22 @@ def models_side_by_side(models: Iterable[ModelHandle], datasets: Sequence[str], 
 def curves_of_twin(results: dict, twin: ModelHandle) -> dict:
     """The random-weights twin's entry, read from the run's random-weights control (the same twin, seed, template
     and split) rather than probed again."""
-    return {"name": twin.name, "n_layers": twin.n_layers, "d_model": twin.d_model,
-            "depth": [layer / twin.n_layers for layer in range(twin.n_layers + 1)],
-            "r2": {name: curves["random_weights"] for name, curves in results["controls"].items()},
-            "peak": {name: peaks["random_weights"] for name, peaks in results["control_peaks"].items()}}
+    return _entry(twin, {name: curves["random_weights"] for name, curves in results["controls"].items()},
+                  {name: peaks["random_weights"] for name, peaks in results["control_peaks"].items()})
 
 
 def run_side_by_side(model: ModelHandle, twin: ModelHandle | None, results: dict, names: Sequence[str],
                      datasets: Sequence[str], n_entities: int | None, template: str, seed: int = 0,
                      progress: bool = True, **load_kwargs) -> dict:
-    """The run's own model (from ``results``) and each model of ``names`` side by side (:func:`models_side_by_side`);
-    the random twin comes from the controls when they ran (``twin``)."""
+    """The run's own model (from ``results``) and each model of ``names`` side by side, in order (as
+    :func:`models_side_by_side`); the random twin comes from the controls when they ran (``twin``). Models are
+    loaded one at a time (:func:`resolve_models`)."""
     reuse_twin = twin is not None and "controls" in results
-    others = [n for n in names if not (reuse_twin and n == RANDOM_TWIN)]
-    probed = iter(models_side_by_side(resolve_models(others, model, seed, **load_kwargs), datasets, n_entities,
-                                      template, seed, progress)["models"])
+    others = resolve_models([n for n in names if not (reuse_twin and n == RANDOM_TWIN)], model, seed, **load_kwargs)
     entries = [curves_from_results(results, model)]
-    entries += [curves_of_twin(results, twin) if reuse_twin and n == RANDOM_TWIN else next(probed) for n in names]
+    for name in names:
+        if reuse_twin and name == RANDOM_TWIN:
+            entries.append(curves_of_twin(results, twin))
+        else:
+            entries.append(model_curves(next(others), datasets, n_entities, template, seed, progress=progress))
     return {"template": template, "n_entities": n_entities, "models": entries}
-
