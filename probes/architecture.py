@@ -450,6 +450,13 @@ def architecture(bridge, hf_model: torch.nn.Module, d_model: int) -> Architectur
 MLP_NEURON_ROLES = ("in", "gate", "out")  # the adapter's roles of a dense MLP's projections
 
 
+def _block_component(bridge, role: str):
+    """The adapter's mapping of the decoder blocks and of their submodule ``role`` ("mlp", "attn"); either is None
+    where the adapter maps none."""
+    block = (getattr(getattr(bridge, "adapter", None), "component_mapping", None) or {}).get("blocks")
+    return block, (getattr(block, "submodules", None) or {}).get(role)
+
+
 def _neuron_rows(module: torch.nn.Module, name: str, arch: str, output: bool) -> torch.Tensor:
     """A dense projection's weights as one row per neuron [n_neurons, d_model]: input projections are read by
     neuron rows, the output projection by its columns (``nn.Linear`` [out, in]; GPT-2 ``Conv1D`` [in, out])."""
@@ -467,8 +474,7 @@ def mlp_neuron_weights(bridge, hf_model: torch.nn.Module, layer: int) -> dict[st
     it writes to the residual stream), ``"in"`` (its row of the up projection) and, where gated, ``"gate"``; each
     [n_neurons, d_model], read from the bridge's adapter. A mixture of experts has no single neurons: refused."""
     arch = type(hf_model).__name__
-    block = (getattr(getattr(bridge, "adapter", None), "component_mapping", None) or {}).get("blocks")
-    mlp = (getattr(block, "submodules", None) or {}).get("mlp")
+    block, mlp = _block_component(bridge, "mlp")
     if mlp is None or _is_moe(mlp):
         raise _unsupported(arch, "neurons by their weights need a dense MLP in each block")
     base = f"{block.name}.{layer}" + ("" if mlp.name is None else f".{mlp.name}")
@@ -498,8 +504,7 @@ def mlp_neuron_input(bridge, hf_model: torch.nn.Module, layer: int) -> torch.nn.
     """The module whose forward input is block ``layer``'s MLP neurons (the bridge's ``mlp.hook_post``: the down
     projection), or None where that is not known to hold (:data:`NEURON_INPUTS_CHECKED`)."""
     arch = type(hf_model).__name__
-    block = (getattr(getattr(bridge, "adapter", None), "component_mapping", None) or {}).get("blocks")
-    mlp = (getattr(block, "submodules", None) or {}).get("mlp")
+    block, mlp = _block_component(bridge, "mlp")
     out = (getattr(mlp, "submodules", None) or {}).get("out")
     if arch not in NEURON_INPUTS_CHECKED or mlp is None or out is None or _is_moe(mlp):
         return None
@@ -512,8 +517,7 @@ def attention_output_projection(bridge, hf_model: torch.nn.Module, layer: int) -
     head's output laid out as the bridge's ``attn.hook_z`` (head h: features h * d_head .. (h + 1) * d_head), so a
     forward pre-hook on it reads or replaces single heads (activation patching)."""
     arch = type(hf_model).__name__
-    block = (getattr(getattr(bridge, "adapter", None), "component_mapping", None) or {}).get("blocks")
-    attn = (getattr(block, "submodules", None) or {}).get("attn")
+    block, attn = _block_component(bridge, "attn")
     subs = getattr(attn, "submodules", None) or {}
     role = next((r for r in ("o", "out", "out_proj") if r in subs), None)
     if attn is None or attn.name is None or role is None:
