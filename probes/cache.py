@@ -406,12 +406,15 @@ def _plan(model: ModelHandle, prompts: Sequence[str], hooks, positions, spans, b
 
 
 def _run(model: ModelHandle, plan: _Plan, sink, padding_side: str, progress: bool, desc: str,
-         pad_multiple: int = PAD_MULTIPLE) -> None:
+         pad_multiple: int | None = None) -> None:
     """Forward passes over ``plan.batches``; each batch's activations reach ``sink`` only once its pass is done,
-    so a batch cut in half after an out-of-memory error is never counted twice."""
+    so a batch cut in half after an out-of-memory error is never counted twice. Batches are padded to a multiple
+    of ``pad_multiple`` tokens; default :data:`probes.forward.PAD_MULTIPLE` on CUDA, where few distinct shapes
+    matter, and 1 on the CPU, where padding a 4-token prompt to 8 would double its cost."""
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     device = model.device
+    pad_multiple = pad_multiple or (PAD_MULTIPLE if device.type == "cuda" else 1)
     points = _plain_points(model, plan.hooks)
     state: dict = {}
 
@@ -539,11 +542,9 @@ def extract(model: ModelHandle, prompts: Sequence[str], hooks: Sequence[str] | N
     ``max_device_bytes`` (default: 80% of free CUDA memory, unlimited on the CPU) it is written to ``spill_dir`` in
     shards and a :class:`ShardedActivationCache` is returned instead (not for ``"all"``: that raises instead).
     Each batch is padded to a multiple of ``pad_multiple`` tokens (:func:`probes.forward.pad_token_ids`; 1: to its
-    longest prompt, as a tokenizer pads). Default: :data:`probes.forward.PAD_MULTIPLE` on CUDA, where few distinct
-    shapes matter, and 1 on the CPU, where padding a 4-token prompt to 8 would double its cost.
+    longest prompt, as a tokenizer pads; default: by device, see :func:`_run`).
     """
     device = torch.device(device) if device is not None else model.device
-    pad_multiple = pad_multiple or (PAD_MULTIPLE if model.device.type == "cuda" else 1)
     plan = _plan(model, prompts, hooks, positions, spans, batch_tokens or default_batch_tokens(model.device, model),
                  add_special_tokens)
     n, n_pos, n_hooks = len(plan.input_ids), pos.n_positions(plan.spec), len(plan.hooks)
@@ -571,7 +572,7 @@ def extract(model: ModelHandle, prompts: Sequence[str], hooks: Sequence[str] | N
 
 
 def _extract_tokens(model: ModelHandle, plan: _Plan, meta: dict, dtype: torch.dtype, device: torch.device,
-                    token_bytes: int, budget: float, padding_side: str, progress: bool, pad_multiple: int
+                    token_bytes: int, budget: float, padding_side: str, progress: bool, pad_multiple: int | None
                     ) -> ActivationCache:
     """Every real token of every prompt, in memory on ``device`` (``token_bytes`` per token; too many for the
     budget: read fewer prompts per call)."""
@@ -594,7 +595,7 @@ def _free_device_bytes(device: torch.device) -> float:
 
 
 def _extract_sharded(model: ModelHandle, plan: _Plan, meta: dict, dtype, rows_per_shard: int, padding_side: str,
-                     progress: bool, directory: Path, pad_multiple: int) -> ShardedActivationCache:
+                     progress: bool, directory: Path, pad_multiple: int | None) -> ShardedActivationCache:
     if directory.exists():
         raise CacheError(f"{directory} exists already; remove it or choose another spill_dir")
     with atomic_folder(directory) as tmp:  # shards and meta.json are one unit
